@@ -1,0 +1,34 @@
+"""recjax: hybrid (item-ID + language) recommenders in JAX/Flax, with SeqIO tasks.
+
+Exact versions live in constraints.txt (`pip install -c constraints.txt -e .`);
+the ranges here only say what the code needs.
+"""
+
+import setuptools
+
+setuptools.setup(
+    name="recjax",
+    version="0.1.0",
+    description="JAX/Flax framework for hybrid item-ID + language recommenders",
+    python_requires=">=3.11",
+    # `tasks/` holds SeqIO registrations only; it installs as `recjax.tasks` so no
+    # generic top-level `tasks` package lands in site-packages.
+    packages=setuptools.find_packages(include=["recjax", "recjax.*"]) + ["recjax.tasks"],
+    package_dir={"recjax.tasks": "tasks"},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "seqio==0.0.20",
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-text>=2.21,<2.22",
+        "tensorflow-datasets>=4.9",
+        "gin-config>=0.5",
+        "sentencepiece>=0.2",
+        "numpy>=2",
+        "pyarrow>=20",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["recjax=recjax.main:main"]},
+)
