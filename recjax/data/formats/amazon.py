@@ -9,18 +9,18 @@ The 2014 files are Python-literal dicts (single quotes, u'' prefixes), though so
 mirrors re-dumped them as strict JSON, so 2014 lines are parsed with "auto". The 2018
 files are strict JSON. The 2018 meta was scraped from HTML: `description` is a list of
 paragraphs, `price` is text ("$12.99", "$5.99 - $9.99", "" or page junk) and
-`category`/`title`/`brand` carry HTML entities ("&amp;"), which are unescaped.
+`category`/`title`/`brand` carry HTML entities ("&amp;"); all editions' text goes
+through `common.clean_text`.
 """
 
 from __future__ import annotations
 
-import html
 import math
 import os
 from typing import Any, Iterator
 
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        category_levels, iter_records, join_text, parse_price,
+                                        category_levels, clean_text, iter_records, join_text, parse_price,
                                         require)
 
 _EXTENSIONS = (".json.gz", ".jsonl.gz", ".json", ".jsonl", ".gz")
@@ -132,21 +132,13 @@ def _optional_text(record: dict, key: str, path, lineno: int) -> str | None:
 
 def _item(record: dict, path, lineno: int, edition: int) -> Item:
   asin = require(record, "asin", path, lineno, str)
-  if edition == 2014:
-    categories = category_levels(record.get("categories"))
-    unescape = _plain
-  else:
-    category = record.get("category")
-    if isinstance(category, list):
-      category = [html.unescape(str(c)) for c in category]
-    categories = category_levels(category)
-    unescape = html.unescape
-  title = _plain(record.get("title"))
-  brand = _plain(record.get("brand"))
+  # 2014: list of category paths; 2018: one path. Both scraped from HTML, so clean_text.
+  raw = record.get("categories" if edition == 2014 else "category")
+  categories = tuple(c for c in map(clean_text, map(str, category_levels(raw))) if c)
   return Item(item=asin,
-              title=unescape(title) if title else None,
-              description=join_text(record.get("description")),
-              brand=unescape(brand) if brand else None,
+              title=clean_text(_plain(record.get("title"))),
+              description=clean_text(join_text(record.get("description"))),
+              brand=clean_text(_plain(record.get("brand"))),
               price=parse_price(record.get("price")),
               categories=categories)
 

@@ -11,6 +11,7 @@ import ast
 import contextlib
 import dataclasses
 import gzip
+import html
 import io
 import json
 import math
@@ -179,6 +180,16 @@ def parse_price(value: Any) -> float | None:
   except ValueError:
     return None
   return price if math.isfinite(price) else None
+
+
+def clean_text(value: str | None) -> str | None:
+  """HTML-unescapes and collapses whitespace (scraped Amazon text is full of &amp; and
+  &nbsp;); every reader applies it so the same item reads the same in every format."""
+  if value is None:
+    return None
+  if "&" in value:
+    value = html.unescape(value)
+  return " ".join(value.split()) or None
 
 
 def join_text(value: Any) -> str | None:
