@@ -25,3 +25,29 @@ def beauty_dir() -> pathlib.Path:
 @pytest.fixture
 def office_dir() -> pathlib.Path:
   return shared_dataset("amazon-office")
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory) -> pathlib.Path:
+  """A small synthetic dataset in raw Amazon 2018 + REGEN formats (generated once per run)."""
+  from recjax.data import synthetic
+  out = tmp_path_factory.mktemp("synthetic_raw")
+  synthetic.write_synthetic(out, num_users=300, num_items=120, seed=0)
+  return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_prepared(synthetic_raw, tmp_path_factory) -> dict[str, pathlib.Path]:
+  """The small synthetic dataset prepared twice: from Amazon 2018 and from REGEN.
+
+  Returns {"synthetic": dir, "synthetic_regen": dir}; the REGEN one carries critiques,
+  narratives, endorsements and preferences on top of ratings and reviews.
+  """
+  from recjax.data import prepare
+  root = tmp_path_factory.mktemp("prepared")
+  out = {}
+  for name, fmt, src in (("synthetic", "amazon2018", "amazon2018/Synthetic.json.gz"),
+                         ("synthetic_regen", "regen", "regen/synthetic.jsonl.gz")):
+    prepare.prepare(fmt, synthetic_raw / src, root / name, options=prepare.PrepareOptions(kcore=5))
+    out[name] = root / name
+  return out
