@@ -28,6 +28,7 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "numpy>=2",
         "pyarrow>=20",
+        "tensorboard>=2.21",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
     entry_points={"console_scripts": ["recjax=recjax.main:main"]},
