@@ -16,6 +16,7 @@ costs one columnar read, not a Python generator per user.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +28,18 @@ from recjax.data import vocab as _vocab  # noqa: F401  (hides accelerators from 
 from recjax.data.prepared import PreparedDataset
 
 SPLITS = ("train", "validation", "test")
+
+
+class _DropUncachedWarning(logging.Filter):
+  """seqio warns on every epoch that an uncached FunctionDataSource shuffles poorly on
+  restarts; recjax reshuffles each epoch from (seed, epoch) and resumes exactly, so the
+  warning does not apply."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "uncached FunctionDataset" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropUncachedWarning())
 _DROP_LAST = {"train": 2, "validation": 1, "test": 0}
 _NUMERIC = {"items": (np.int32, tf.int32), "ratings": (np.float32, tf.float32),
             "timestamps": (np.int64, tf.int64)}

@@ -1,0 +1,1 @@
+"""Benchmarks run by `recjax bench ...`; each prints one JSON object per measurement."""
