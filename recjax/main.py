@@ -3,6 +3,12 @@
   recjax main      the README's main job on the embedded synthetic data
   recjax synth     write a synthetic dataset in public raw formats
   recjax prepare   turn raw files in a public format into a prepared dataset
+  recjax tasks     list the registered SeqIO tasks and mixtures, show decoded examples
+  recjax train     train a model (gin: --gin_file, --gin.NAME=VALUE, --gin_search_paths)
+  recjax evaluate  full-catalog ranking metrics of a checkpoint (or --exported DIR)
+  recjax infer     top-k recommendations per user as JSON lines
+  recjax export    a self-contained directory: params, config, vocab, serialized scoring
+  recjax bench     measure parts of the system (`bench pipeline`: the input pipeline)
 
 Errors in the input (a malformed line, a missing file, a bad option) print one sentence
 naming the file/line/field or the option at fault and exit with status 2.
@@ -63,10 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-  p = sub.add_parser("main", help="the main job: synthesize the default data, prepare it, summarize",
+  p = sub.add_parser("main", help="the main job: synthesize, prepare, train, evaluate, export",
                      description="Generates the embedded synthetic dataset (Amazon 2018 + REGEN raw "
-                     "formats), prepares both, and prints their summary tables.")
-  p.add_argument("--workdir", default="runs/default", help="where raw and prepared data go")
+                     "formats), prepares both, trains Bert4Rec (gin/experiments/quickstart.gin), "
+                     "evaluates it against a popularity baseline with full ranking, exports it and "
+                     "re-evaluates the export. --gin.NAME=VALUE overrides apply to every step.")
+  p.add_argument("--workdir", default="runs/default", help="where data, checkpoints and exports go")
+  p.add_argument("--num_users", type=int, default=DEFAULT_SYNTH["num_users"])
+  p.add_argument("--num_items", type=int, default=DEFAULT_SYNTH["num_items"])
+  p.add_argument("--seed", type=int, default=DEFAULT_SYNTH["seed"])
+  p.add_argument("--gin_file", help="experiment gin file (default experiments/quickstart.gin)")
   p.set_defaults(func=cmd_main)
 
   p = sub.add_parser("synth", help="write a synthetic dataset in Amazon 2018 and REGEN formats",
@@ -82,7 +94,217 @@ def build_parser() -> argparse.ArgumentParser:
                      "dense ids with PAD=0/MASK=1, leave-one-out split).")
   _add_prepare_args(p)
   p.set_defaults(func=cmd_prepare)
+
+  p = sub.add_parser("tasks", help="list the registered SeqIO tasks and mixtures, or show examples",
+                     description="Tasks are registered for every prepared dataset found under "
+                     "$RECJAX_DATA_DIR (default runs/default/prepared) and every --dataset NAME=DIR.")
+  tasks_sub = p.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
+  q = tasks_sub.add_parser("list", help="every registered task and mixture, grouped by dataset")
+  _add_dataset_arg(q)
+  q.set_defaults(func=cmd_tasks_list)
+  q = tasks_sub.add_parser("show", help="decoded examples of a task or mixture")
+  q.add_argument("task", help="task or mixture name (see `recjax tasks list`)")
+  q.add_argument("--split", default="train", help="train, validation or test")
+  q.add_argument("-n", "--num_examples", type=int, default=3, help="examples to show")
+  q.add_argument("--max_items", type=int, default=20,
+                 help="show at most the last N positions of an item sequence")
+  _add_dataset_arg(q)
+  q.set_defaults(func=cmd_tasks_show)
+
+  p = sub.add_parser("bench", help="benchmarks that print one JSON object per line")
+  bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+  q = bench_sub.add_parser("pipeline", help="input-pipeline throughput and packing efficiency, packed vs padded",
+                           description="Examples/s and items/s of the input pipeline alone (task -> "
+                           "packing converter -> numpy batches) and the non-padding fraction "
+                           "(packing_efficiency) of packed and of padded rows. Defaults to Beauty "
+                           "(prepared once into runs/bench/beauty from ../shared/data) when present, "
+                           "else the synthetic set.")
+  _add_dataset_arg(q)
+  q.add_argument("--task", help="an item-sequence task (default: DATASET_items of --dataset's first "
+                 "name, or of Beauty / synthetic)")
+  q.add_argument("--split", default="train")
+  q.add_argument("--batch_size", type=int, default=128, help="rows per batch")
+  q.add_argument("--length", type=int, default=50, help="row length (items per row)")
+  q.add_argument("--steps", type=int, default=100, help="batches timed per mode, after a warm-up batch")
+  q.add_argument("--seed", type=int, default=0)
+  q.set_defaults(func=cmd_bench_pipeline)
+  from recjax import gin_cli
+  for command, (_, _, help_text) in gin_cli.ENTRYPOINTS.items():
+    q = sub.add_parser(command, help=help_text, description=gin_cli.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    gin_cli.add_gin_args(q)
+    _add_dataset_arg(q)
+    if command == "evaluate":
+      q.add_argument("--exported", help="evaluate an export directory instead of a checkpoint")
+    q.set_defaults(func=cmd_gin, gin_command=command)
   return parser
+
+
+def cmd_gin(args) -> None:
+  from recjax import gin_cli
+  _load_tasks(args)
+  gin_cli.run_entrypoint(args.gin_command, args, args.gin_bindings)
+
+
+def _add_dataset_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--dataset", action="append", default=[], metavar="NAME=DIR",
+                 help="register the prepared dataset in DIR as NAME (repeatable)")
+
+
+def _import_tasks():
+  """The task registrations (`recjax.tasks`; `tasks` in a source checkout not pip-installed)."""
+  try:
+    from recjax import tasks  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    if e.name != "recjax.tasks":
+      raise
+    import tasks  # pylint: disable=g-import-not-at-top
+  return tasks
+
+
+def _load_tasks(args):
+  """Imports the registrations and registers every --dataset NAME=DIR; returns the module."""
+  specs = []
+  for spec in args.dataset:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+      raise UsageError(f"--dataset {spec!r}: expected NAME=DIR")
+    specs.append((name, path))
+  tasks = _import_tasks()
+  for name, path in specs:
+    tasks.register_dataset_tasks(name, path)
+  return tasks
+
+
+def _provider(name: str):
+  import difflib  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  known = sorted({*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()})
+  if name not in known:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UsageError(f"unknown task or mixture {name!r}; {hint}`recjax tasks list` shows them all")
+  return seqio.get_mixture_or_task(name)
+
+
+def cmd_tasks_list(args) -> None:
+  import seqio  # pylint: disable=g-import-not-at-top
+  from recjax.data import registry  # pylint: disable=g-import-not-at-top
+  tasks = _load_tasks(args)
+  groups = tasks.tasks_by_dataset()
+  if not groups:
+    print(f"no datasets registered: prepare one into {registry.data_root()}/NAME, set RECJAX_DATA_DIR, "
+          "or pass --dataset NAME=DIR")
+  ours = {t for names in groups.values() for t in names}
+  others = sorted({*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()} - ours)
+  if others:
+    groups["(registered elsewhere)"] = others
+  width = max([len(t) for names in groups.values() for t in names] + [10])
+  for dataset, names in groups.items():
+    if dataset in registry.names():
+      ds = registry.get(dataset)
+      print(f"{dataset}  {ds.data_dir}  ({ds.num_users:,} users, {ds.num_items:,} items)")
+    else:
+      print(dataset)
+    for name in names:
+      kind = "mixture" if name in seqio.MixtureRegistry.names() else "task"
+      print(f"  {name:<{width}}  {kind:<7}  {tasks.describe(name)}")
+    print()
+
+
+def cmd_tasks_show(args) -> None:
+  import seqio  # pylint: disable=g-import-not-at-top
+  tasks = _load_tasks(args)
+  provider = _provider(args.task)
+  if args.split not in provider.splits:
+    raise UsageError(f"{args.task} has no split {args.split!r}; it has {', '.join(provider.splits)}")
+  if args.num_examples < 1:
+    raise UsageError(f"-n must be >= 1, got {args.num_examples}")
+  kwargs = dict(split=args.split, shuffle=False, num_epochs=1, trim_output_features=False, try_in_mem_cache=False)
+  if isinstance(provider, seqio.Mixture):
+    kwargs.update(seed=0, passthrough_features=["example_id", "user_id"])
+  ds = provider.get_dataset(None, **kwargs).take(args.num_examples)
+  titles = _item_titles(tasks.data_dir_of(args.task))
+  for i, ex in enumerate(ds.as_numpy_iterator()):
+    print(f"--- {args.task} {args.split} example {i + 1}")
+    print(_render_example(ex, provider.output_features, titles, args.max_items))
+
+
+def _clip(text: str, width: int) -> str:
+  return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _text(value):
+  """A numpy value as text: bytes decoded, arrays as lists."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8", "replace")
+  if hasattr(value, "tolist"):
+    value = value.tolist()
+  if isinstance(value, list):
+    return [_text(v) for v in value]
+  return value
+
+
+def _item_titles(data_dir) -> dict[int, str]:
+  if data_dir is None:
+    return {}
+  from recjax.data.prepared import PreparedDataset  # pylint: disable=g-import-not-at-top
+  table = PreparedDataset(data_dir).items(["item_id", "title"])
+  return {i: t or "" for i, t in zip(table.column("item_id").to_pylist(), table.column("title").to_pylist())}
+
+
+def _render_example(ex, features, titles: dict[int, str], max_items: int) -> str:
+  """Every feature decoded through its vocabulary; item sequences one item per line, with
+  titles and the per-position (critique) features that align with them."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from recjax.data.vocab import ItemVocabulary  # pylint: disable=g-import-not-at-top
+  lines = []
+  item_keys = [k for k, f in features.items() if k in ex and isinstance(f.vocabulary, ItemVocabulary)]
+  per_position = {k: [c for c in features if c in ex and c not in item_keys and np.ndim(ex[c]) == 1
+                      and np.ndim(ex[k]) == 1 and len(ex[c]) == len(ex[k])
+                      and hasattr(features[c].vocabulary, "lookup")] for k in item_keys}
+  shown = set(item_keys) | {c for cols in per_position.values() for c in cols}
+  decoded = {k: f.vocabulary.decode(np.atleast_1d(ex[k]).tolist()) for k, f in features.items()
+             if k in ex and k not in shown}
+  for k, v in ex.items():  # features without a vocabulary: ids, positions, raw text
+    if k in features or decoded.get(k.removesuffix("_pretokenized")) == _text(v):
+      continue  # a "_pretokenized" copy that decodes identically adds nothing
+    lines.append(f"{k}: {_text(v)}")
+  for k, text in decoded.items():
+    lines.append(f"{k}: {text!r}" + (f"  ({np.size(ex[k])} ids)" if np.ndim(ex[k]) else ""))
+  for k in item_keys:
+    ids = np.atleast_1d(ex[k]).tolist()
+    cols = per_position[k]
+    head = f"{k}: {len(ids)} items" + (f" (+ {', '.join(cols)})" if cols else "")
+    if len(ids) > max_items:
+      head += f", first {len(ids) - max_items} not shown"
+    lines.append(head)
+    for pos in range(max(0, len(ids) - max_items), len(ids)):
+      i = ids[pos]
+      token = features[k].vocabulary.decode([i]) if i else "[PAD]"
+      row = f"  {pos:>4}  {token:>7}  {_clip(titles.get(i, ''), 60)}"
+      for c in cols:
+        crit = features[c].vocabulary.lookup(int(ex[c][pos]))
+        row += f"  | {c}: {crit or '-'}"
+      lines.append(row)
+  return "\n".join(lines)
+
+
+def cmd_bench_pipeline(args) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  from recjax.bench import pipeline as bench  # pylint: disable=g-import-not-at-top
+  tasks = _load_tasks(args)
+  task = args.task
+  if task is None:
+    dataset = args.dataset[0].partition("=")[0] if args.dataset else bench.default_dataset(tasks)
+    task = f"{dataset}_items"
+  _provider(task)
+  for arg in ("batch_size", "length", "steps"):
+    if getattr(args, arg) < 1:
+      raise UsageError(f"--{arg} must be >= 1, got {getattr(args, arg)}")
+  for row in bench.run(task, split=args.split, batch_size=args.batch_size, length=args.length,
+                       steps=args.steps, seed=args.seed):
+    print(json.dumps(row), flush=True)
 
 
 def _prepare_options(args):
@@ -116,29 +338,67 @@ def cmd_synth(args) -> None:
 
 
 def cmd_main(args) -> None:
+  """synthesize -> prepare -> train -> evaluate -> export -> evaluate the export."""
+  import os
+  from recjax import gin_cli
   from recjax.data import prepare, prepared, synthetic
   work = pathlib.Path(args.workdir)
   start = time.time()
   raw = work / "raw"
-  synthetic.write_synthetic(raw, formats=("amazon2018", "regen"), **DEFAULT_SYNTH)
-  print(f"synthesized {DEFAULT_SYNTH['num_users']:,} users x {DEFAULT_SYNTH['num_items']:,} items "
-        f"into {raw} ({time.time() - start:.1f}s)\n")
+  size = {"num_users": args.num_users, "num_items": args.num_items, "seed": args.seed}
+  synthetic.write_synthetic(raw, formats=("amazon2018", "regen"), **size)
+  print(f"synthesized {args.num_users:,} users x {args.num_items:,} items into {raw} "
+        f"({time.time() - start:.1f}s)\n")
   jobs = [("amazon2018", raw / "amazon2018" / "Synthetic.json.gz", work / "prepared" / "synthetic"),
           ("regen", raw / "regen" / "synthetic.jsonl.gz", work / "prepared" / "synthetic_regen")]
   for fmt, src, dst in jobs:
     manifest = prepare.prepare(fmt, src, dst, options=prepare.PrepareOptions(kcore=5))
     print(prepared.format_table(prepared.summary_rows(manifest), f"{dst} ({manifest['seconds']}s)"))
     print()
+  os.environ["RECJAX_DATA_DIR"] = str(work / "prepared")
+  tasks = _import_tasks()
+  for name in ("synthetic", "synthetic_regen"):
+    tasks.register_dataset_tasks(name, work / "prepared" / name)
+  args.gin_file = [args.gin_file or "experiments/quickstart.gin"]
+  args.gin_search_paths = ""
+  bindings = [f"MODEL_DIR = {str(work / 'model')!r}", f"EXPORT_DIR = {str(work / 'export')!r}",
+              *args.gin_bindings]
+  print("training Bert4Rec (gin/experiments/quickstart.gin)")
+  gin_cli.run_entrypoint("train", args, bindings)
+  print("\nevaluating the checkpoint: full ranking, test and validation splits")
+  result = gin_cli.run_entrypoint("evaluate", args, bindings)
+  gin_cli.run_entrypoint("export", args, bindings)
+  args.exported = str(work / "export")
+  exported = gin_cli.run_entrypoint("evaluate", args, bindings)
+  same = exported["results"] == result["results"]
+  print(f"\nexport re-evaluated from {args.exported}: metrics {'identical' if same else 'DIFFER'}")
+  test = result["results"]["test/model"], result["results"]["test/popularity"]
+  print(f"test NDCG@10: Bert4Rec {test[0]['ndcg@10']:.4f} vs popularity {test[1]['ndcg@10']:.4f}; "
+        f"Recall@10: {test[0]['recall@10']:.4f} vs {test[1]['recall@10']:.4f}")
   print(f"main job done in {time.time() - start:.1f}s")
+  if not same:
+    raise ValueError("the export did not reproduce the checkpoint's metrics")
 
 
 def main(argv=None) -> int:
+  from recjax import gin_cli
   parser = build_parser()
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    argv, gin_bindings = gin_cli.split_gin_overrides(argv)
+  except gin_cli.GinError as e:
+    parser.error(str(e))
   args = parser.parse_args(argv)
+  if gin_bindings and args.command not in (*gin_cli.ENTRYPOINTS, "main"):
+    parser.error(f"--gin.* overrides apply only to {', '.join(gin_cli.ENTRYPOINTS)} and main")
+  args.gin_bindings = gin_bindings
   try:
     args.func(args)
-  except (FormatError, UsageError, FileNotFoundError, ValueError) as e:
-    print(f"recjax {args.command}: error: {e}", file=sys.stderr)
+  except (FormatError, UsageError, FileNotFoundError, ValueError, KeyError) as e:
+    # KeyError's str() is the repr of its message; print the sentence itself.
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    # gin appends "In call to configurable ..." lines; the first line is the sentence.
+    print(f"recjax {args.command}: error: {str(message).splitlines()[0]}", file=sys.stderr)
     return 2
   return 0
 

@@ -1,0 +1,166 @@
+"""Full-catalog next-item evaluation of a checkpoint (or an export) on valid/test splits.
+
+Every user is evaluated (the last batch is padded and masked, never dropped). For each
+split the table holds the model, and a popularity baseline ranked by the same code
+(training-split item counts as scores), so every number comes with its reference point.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable, Iterator, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recjax.evaluation import ranking
+from recjax.train import mesh as mesh_lib
+
+NUM_RESERVED = ranking.NUM_RESERVED
+
+
+def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_lengths,
+                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """This process's share of a split as fixed-size numpy batches with a "valid" mask.
+
+  Processes take interleaved shards and all yield the same number of batches (the
+  shortest shard is padded), so a jitted global computation stays in lock-step.
+  """
+  import seqio
+  import recjax.tasks  # noqa: F401
+  task = seqio.get_mixture_or_task(mixture_or_task_name)
+  n_proc, index = jax.process_count(), jax.process_index()
+  if batch_size % n_proc:
+    raise ValueError(f"eval batch_size {batch_size} is not divisible by {n_proc} processes")
+  local = batch_size // n_proc
+  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, trim_output_features=False)
+  ds = converter(ds, task_feature_lengths)
+  total = task.num_input_examples(split)
+  if n_proc > 1:
+    ds = ds.shard(n_proc, index)
+  per_process = -(-total // n_proc)
+  num_batches = -(-per_process // local)
+  it = ds.batch(local).prefetch(4).as_numpy_iterator()
+  for _ in range(num_batches):
+    batch = next(it, None)
+    if batch is None:
+      batch = {k: np.zeros((0, *v.shape[1:]), v.dtype) for k, v in last.items() if k != "valid"}
+    n = len(batch["target"])
+    valid = np.arange(local) < n
+    batch = {k: np.concatenate([v, np.zeros((local - n, *v.shape[1:]), v.dtype)]) if n < local else v
+             for k, v in batch.items()}
+    batch["valid"] = valid
+    last = batch
+    yield batch
+
+
+def train_popularity(mixture_or_task_name: str, vocab_size: int) -> np.ndarray:
+  """Item counts over the training split (the popularity baseline's scores)."""
+  import seqio
+  task = seqio.get_mixture_or_task(mixture_or_task_name)
+  counts = np.zeros(vocab_size, np.float32)
+  ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, trim_output_features=False)
+  for ex in ds.as_numpy_iterator():
+    np.add.at(counts, ex["items"], 1.0)
+  counts[:NUM_RESERVED] = 0
+  return counts
+
+
+class Scorer:
+  """What evaluation needs from a model: query vectors for a batch and the item table."""
+
+  def __init__(self, queries_fn: Callable, params, item_table: jax.Array, bias: jax.Array, vocab_size: int):
+    self.queries_fn, self.params = queries_fn, params
+    self.item_table, self.bias, self.vocab_size = item_table, bias, vocab_size
+
+
+def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, step=None) -> tuple[Scorer, int]:
+  from recjax.train import checkpoint as ckpt_lib
+  from recjax.train import loop
+  net_model = model(vocab_size=loop.item_vocab_size(mixture_or_task_name))
+  trainer = loop.Trainer(net_model, mesh, tuple(rules))
+  checkpointer = ckpt_lib.Checkpointer(model_dir)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first")
+  state, _, _ = checkpointer.restore(step, trainer.abstract_state, trainer.param_shapes)
+  checkpointer.close()
+  params = state.params
+
+  @jax.jit
+  def queries_fn(params, batch):
+    return net_model.queries(trainer.network(params), batch)
+
+  table, bias = jax.jit(lambda p: trainer.network(p).item_table())(params)
+  return Scorer(queries_fn, params, table, bias, net_model.vocab_size), step
+
+
+_MODEL_FEATURES = ("inputs", "segment_ids", "positions", "mask_position")
+
+
+def rank_split(scorer: Scorer, batches, *, exclude_history: bool, ks, popularity=None) -> dict[str, dict]:
+  """Ranks every batch's target; returns {"model": metrics, "popularity": metrics}."""
+  model_acc = ranking.RankingMetrics(ks)
+  pop_acc = ranking.RankingMetrics(ks) if popularity is not None else None
+  for batch in batches:
+    exclude = jnp.asarray(batch["inputs"]) if exclude_history else None
+    features = {k: jnp.asarray(batch[k]) for k in _MODEL_FEATURES}
+    query = scorer.queries_fn(scorer.params, features)
+    targets = jnp.asarray(np.where(batch["valid"], batch["target"], 0))
+    ranks = ranking.target_ranks(query, scorer.item_table, targets, scorer.bias, exclude=exclude,
+                                 vocab_size=scorer.vocab_size)
+    model_acc.update(ranks, jnp.asarray(batch["valid"]))
+    if pop_acc is not None:
+      ones = jnp.ones((len(targets), 1), jnp.float32)
+      pop_ranks = ranking.target_ranks(ones, popularity, targets, exclude=exclude,
+                                       vocab_size=scorer.vocab_size)
+      pop_acc.update(pop_ranks, jnp.asarray(batch["valid"]))
+  out = {"model": model_acc.result()}
+  if pop_acc is not None:
+    out["popularity"] = pop_acc.result()
+  return out
+
+
+def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+             task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
+             batch_size: int = 256, splits: Sequence[str] = ("validation", "test"),
+             ks: Sequence[int] = (1, 5, 10, 20), exclude_history: bool = True,
+             mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES,
+             checkpoint_step: int | None = None, exported_dir: str | None = None,
+             popularity_baseline: bool = True, verbose: bool = True) -> dict[str, Any]:
+  """Evaluates the latest checkpoint in `model_dir` (or `exported_dir`); writes JSON there."""
+  mesh = mesh_fn()
+  with jax.set_mesh(mesh):
+    if exported_dir:
+      from recjax import export as export_lib
+      scorer, step = export_lib.load_scorer(exported_dir), export_lib.exported_step(exported_dir)
+      converter = export_lib.load_eval_converter(exported_dir)
+      out_dir = pathlib.Path(exported_dir)
+    else:
+      scorer, step = checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
+                                       checkpoint_step)
+      converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
+      out_dir = pathlib.Path(model_dir)
+    popularity = None
+    if popularity_baseline:
+      counts = train_popularity(mixture_or_task_name, scorer.item_table.shape[0])
+      popularity = jnp.asarray(counts)[:, None]
+    results: dict[str, Any] = {}
+    for split in splits:
+      batches = eval_batches(mixture_or_task_name, split, converter, task_feature_lengths, batch_size)
+      for name, metrics in rank_split(scorer, batches, exclude_history=exclude_history, ks=ks,
+                                      popularity=popularity).items():
+        results[f"{split}/{name}"] = metrics
+  protocol = ranking.ranking_protocol(scorer.vocab_size, exclude_history)
+  payload = {"step": step, "task": mixture_or_task_name, "protocol": protocol, "results": results,
+             "source": "export" if exported_dir else "checkpoint"}
+  if jax.process_index() == 0:
+    name = "eval_export.json" if exported_dir else f"eval_step_{step}.json"
+    (out_dir / name).write_text(json.dumps(payload, indent=2) + "\n")
+    if verbose:
+      columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr", "count"]
+      print(ranking.format_metrics_table(results, columns, protocol))
+  return payload

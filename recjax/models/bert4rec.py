@@ -1,0 +1,170 @@
+"""Bert4Rec over packed item sequences (Sun et al. 2019), as a recjax model.
+
+The network: item embedding + per-segment position embedding -> LayerNorm -> N post-LN
+transformer blocks with segment-aware attention -> at the prediction positions, a BERT
+MLM transform (dense + GELU + LayerNorm) -> scores against the item table (tied to the
+input embedding, or a separate output table) plus a per-item bias. PAD and MASK are never
+scored.
+
+The model object (what gin's `MODEL` builds) follows the t5x protocol: `loss_fn`,
+`score_queries` (for full-catalog ranking), `get_initial_variables`, and its feature
+converters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recjax.models import layers
+
+PAD_ID, MASK_ID, NUM_RESERVED = 0, 1, 2  # fixed by every prepared dataset (docs/data.md)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+  if name not in _DTYPES:
+    raise ValueError(f"unknown compute dtype {name!r}; choose one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+class Bert4RecNetwork(nnx.Module):
+  def __init__(self, *, vocab_size: int, max_length: int, dim: int, num_layers: int, num_heads: int,
+               mlp_dim: int, dropout: float, attention_dropout: float, tie_embeddings: bool,
+               dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.truncated_normal(0.02)
+    # The item table is the largest tensor: 'item' maps to the `model` mesh axis.
+    self.items = nnx.Embed(vocab_size, dim, dtype=dtype, param_dtype=jnp.float32,
+                           embedding_init=layers.param_init(init, "item", "embed"), rngs=rngs)
+    self.positions = nnx.Embed(max_length, dim, dtype=dtype, param_dtype=jnp.float32,
+                               embedding_init=layers.param_init(init, None, "embed"), rngs=rngs)
+    self.norm = layers.layer_norm(dim, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+    self.blocks = nnx.List([
+        layers.TransformerBlock(dim, num_heads, mlp_dim, rngs=rngs, dtype=dtype, dropout=dropout,
+                                attention_dropout=attention_dropout) for _ in range(num_layers)])
+    self.head = layers.dense(dim, dim, ("embed", "embed_out"), rngs=rngs, dtype=dtype)
+    self.head_norm = layers.layer_norm(dim, rngs=rngs)
+    self.output_items = None if tie_embeddings else nnx.Param(
+        layers.param_init(init, "item", "embed")(rngs.params(), (vocab_size, dim), jnp.float32))
+    self.output_bias = nnx.Param(
+        layers.param_init(nnx.initializers.zeros_init(), "item")(rngs.params(), (vocab_size,), jnp.float32))
+    self.dtype = dtype
+
+  def encode(self, inputs, segment_ids, positions, *, deterministic: bool, rngs=None):
+    """Hidden states [B, L, D] of a (packed) batch."""
+    x = self.items(inputs) + self.positions(positions)
+    x = self.dropout(self.norm(x), deterministic=deterministic, rngs=rngs).astype(self.dtype)
+    mask = layers.segment_mask(segment_ids)
+    for block in self.blocks:
+      x = block(x, mask, deterministic=deterministic, rngs=rngs)
+    return x
+
+  def query(self, hidden):
+    """The MLM transform: hidden states -> vectors scored against the item table."""
+    return self.head_norm(jax.nn.gelu(self.head(hidden), approximate=False))
+
+  def item_table(self):
+    """(embeddings [V, D], bias [V]) that queries are scored against, float32."""
+    table = self.items.embedding if self.output_items is None else self.output_items
+    return table[...], self.output_bias[...]
+
+
+@dataclasses.dataclass
+class Bert4Rec:
+  """Bert4Rec hyper-parameters + the model protocol used by the trainer and evaluators.
+
+  Defaults follow FLARE Table 2's Bert4Rec scale for Amazon data (small models: the data
+  are small). `vocab_size` comes from the task's item vocabulary at build time.
+  """
+
+  vocab_size: int = 0  # set by the trainer from the task's item vocabulary
+  max_length: int = 50
+  dim: int = 64
+  num_layers: int = 2
+  num_heads: int = 2
+  mlp_dim: int = 256
+  dropout: float = 0.2
+  attention_dropout: float = 0.2
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  max_predictions_fraction: float = 0.25  # capacity of gathered loss positions per batch
+  vocab_multiple: int = 128  # item table rows padded so it splits evenly over any mesh axis
+
+  @property
+  def padded_vocab_size(self) -> int:
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  INPUT_FEATURE = "items"
+
+  def network(self, rngs: nnx.Rngs) -> Bert4RecNetwork:
+    if self.vocab_size <= NUM_RESERVED:
+      raise ValueError(f"Bert4Rec.vocab_size must exceed {NUM_RESERVED} (PAD, MASK), got {self.vocab_size}")
+    return Bert4RecNetwork(vocab_size=self.padded_vocab_size, max_length=self.max_length, dim=self.dim,
+                           num_layers=self.num_layers, num_heads=self.num_heads,
+                           mlp_dim=self.mlp_dim, dropout=self.dropout,
+                           attention_dropout=self.attention_dropout,
+                           tie_embeddings=self.tie_embeddings, dtype=compute_dtype(self.dtype),
+                           rngs=rngs)
+
+  @property
+  def feature_converter(self):
+    from recjax.data.converters import ItemSequencePackingConverter
+    return ItemSequencePackingConverter
+
+  @property
+  def eval_feature_converter(self):
+    from recjax.data.converters import ItemSequenceEvalConverter
+    return ItemSequenceEvalConverter
+
+  def score_logits(self, net: Bert4RecNetwork, queries):
+    """Full-vocabulary logits (float32); PAD, MASK and table padding pushed to -inf."""
+    table, bias = net.item_table()
+    logits = jnp.einsum("...d,vd->...v", queries, table.astype(queries.dtype),
+                        preferred_element_type=jnp.float32) + bias
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where((ids < NUM_RESERVED) | (ids >= self.vocab_size), -jnp.inf, logits)
+
+  def loss_fn(self, net: Bert4RecNetwork, batch, rng: jax.Array | None):
+    """Cloze loss: softmax cross-entropy over the catalog at the masked positions.
+
+    Only masked positions are scored (gathered into a fixed capacity, so the logits are
+    [capacity, V] instead of [B * L, V]); the loss is normalised by the number of
+    targets in the batch. Returns (loss, metrics) with float32 sums.
+    """
+    deterministic = rng is None
+    rngs = None if deterministic else nnx.Rngs(dropout=rng)
+    hidden = net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
+                        deterministic=deterministic, rngs=rngs)
+    weights = batch["weights"].reshape(-1)
+    n = weights.shape[0]
+    capacity = min(n, math.ceil(n * self.max_predictions_fraction) + 8)
+    (index,) = jnp.nonzero(weights > 0, size=capacity, fill_value=0)
+    valid = (jnp.arange(capacity) < jnp.sum(weights > 0)).astype(jnp.float32)
+    w = weights[index] * valid
+    queries = net.query(hidden.reshape(n, -1)[index])
+    logits = self.score_logits(net, queries)
+    targets = batch["targets"].reshape(-1)[index]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    nll = logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    denom = jnp.maximum(jnp.sum(w), 1.0)
+    loss = jnp.sum(nll * w) / denom
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    metrics = {
+        "loss_sum": jnp.sum(nll * w),
+        "targets": jnp.sum(w),
+        "accuracy_sum": jnp.sum(correct * w),
+        "dropped_targets": jnp.sum(weights) - jnp.sum(w),
+        "items": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+    }
+    return loss, metrics
+
+  def queries(self, net: Bert4RecNetwork, batch):
+    """Eval: the query vector at each row's MASK position, float32 [B, D]."""
+    hidden = net.encode(batch["inputs"], batch["segment_ids"], batch["positions"], deterministic=True)
+    at_mask = jnp.take_along_axis(hidden, batch["mask_position"][:, None, None], axis=1)[:, 0]
+    return net.query(at_mask).astype(jnp.float32)

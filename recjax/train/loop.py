@@ -1,0 +1,320 @@
+"""The training loop, top to bottom (big_vision style).
+
+  1. mesh + logical rules           (gin)
+  2. data: task -> converter -> DataIterator (per-process shard, resumable)
+  3. model: eval_shape, shardings from logical names, jit(init, out_shardings)
+  4. optimizer + jitted step        (in/out shardings, donated state)
+  5. restore from MODEL_DIR if a checkpoint exists
+  6. loop: step; every `log_every` steps fetch metrics once (the only host sync),
+     check for NaN/Inf, write TensorBoard + progress bar; checkpoint every
+     `checkpoint_every` steps and on SIGTERM
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from recjax.train import checkpoint as ckpt_lib
+from recjax.train import mesh as mesh_lib
+
+log = logging.getLogger("recjax.train")
+
+
+class TrainingDiverged(ValueError):
+  """NaN/Inf loss; a ValueError so the command line reports it as one sentence."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(total_steps: int, *, learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.99,
+                   eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0,
+                   schedule: str = "constant", end_learning_rate_fraction: float = 0.0,
+                   clip_norm: float | None = 1.0):
+  """AdamW (FLARE: beta1 0.9, beta2 0.99) with warmup + decay and global-norm clipping.
+
+  Weight decay applies to matrices only (not biases, LayerNorm scales). Returns
+  (optax transformation, schedule function) so the loop can log the learning rate.
+  """
+  warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+  end = learning_rate * end_learning_rate_fraction
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if schedule == "constant":
+    decay = optax.constant_schedule(learning_rate)
+  elif schedule == "cosine":
+    decay = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_learning_rate_fraction)
+  elif schedule == "linear":
+    decay = optax.linear_schedule(learning_rate, end, decay_steps)
+  else:
+    raise ValueError(f"unknown schedule {schedule!r}; choose constant, cosine or linear")
+  lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay],
+                            [warmup_steps]) if warmup_steps else decay
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+  parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+  return optax.chain(*parts), lr
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Model + mesh + optimizer + jitted functions; shared by train, evaluate and export."""
+
+  model: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  seed: int = 0
+  total_steps: int = 1
+  optimizer_fn: Callable = make_optimizer
+
+  def __post_init__(self):
+    abstract = nnx.eval_shape(lambda: self.model.network(nnx.Rngs(self.seed)))
+    self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    self.tx, self.schedule = self.optimizer_fn(self.total_steps)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    self.param_shardings = mesh_lib.tree_shardings(abstract_params, self.mesh, self.rules)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
+                                      opt_state=mesh_lib.tree_shardings(abstract_opt, self.mesh, self.rules))
+    self.batch_sharding = mesh_lib.batch_sharding(self.mesh, self.rules)
+    self.replicated = replicated
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt),
+        self.state_shardings)
+    self.param_shapes = ckpt_lib.param_shapes(abstract_params)
+
+  # -- state ------------------------------------------------------------------------
+
+  def init_state(self) -> TrainState:
+    """Parameters born sharded: the initializer is jitted with out_shardings."""
+    def init():
+      params = nnx.state(self.model.network(nnx.Rngs(self.seed)), nnx.Param)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def network(self, params):
+    return nnx.merge(self.graphdef, params)
+
+  # -- steps ------------------------------------------------------------------------
+
+  def make_train_step(self):
+    base_key = jax.random.key(self.seed)
+
+    def step(state: TrainState, batch):
+      rng = jax.random.fold_in(base_key, state.step)  # a pure function of the step: resumable
+
+      def loss_fn(params):
+        return self.model.loss_fn(self.network(params), batch, rng)
+
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                     learning_rate=jnp.asarray(self.schedule(state.step), jnp.float32))
+      return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+  def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+
+
+def item_vocab_size(task_name: str, feature: str = "items") -> int:
+  import seqio
+  import recjax.tasks  # noqa: F401  (registers the tasks)
+  provider = seqio.get_mixture_or_task(task_name)
+  return provider.output_features[feature].vocabulary.vocab_size
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (no work in the handler)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no signal handling
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+
+def _summarize(window: list[dict], elapsed: float, steps: int) -> dict[str, float]:
+  fetched = jax.device_get(window)
+  total = {k: float(np.sum([m[k] for m in fetched])) for k in fetched[0]}
+  last = fetched[-1]
+  targets = max(total["targets"], 1.0)
+  return {
+      "loss": total["loss_sum"] / targets,
+      "accuracy": total["accuracy_sum"] / targets,
+      "learning_rate": float(last["learning_rate"]),
+      "grad_norm": float(last["grad_norm"]),
+      "steps_per_sec": steps / max(elapsed, 1e-9),
+      "items_per_sec": total["items"] / max(elapsed, 1e-9),
+      "dropped_targets": total["dropped_targets"],
+  }
+
+
+def _checked(window, elapsed, step, checkpointer) -> dict[str, float]:
+  """Summarizes the window; a NaN/Inf loss stops the run, keeping the last good checkpoint."""
+  summary = _summarize(window, elapsed, len(window))
+  if not math.isfinite(summary["loss"]):
+    checkpointer.wait()
+    latest = checkpointer.latest_step()
+    raise TrainingDiverged(f"loss became {summary['loss']} between steps {step - len(window)} and {step}; "
+                           f"training stopped; the last good checkpoint is step {latest} in "
+                           f"{checkpointer.directory}")
+  return summary
+
+
+def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: dict = gin.REQUIRED, train_steps: int = gin.REQUIRED,
+          model_dir: str = gin.REQUIRED, batch_size: int = 128, seed: int = 0,
+          mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES,
+          optimizer: Callable = make_optimizer, log_every: int = 50, checkpoint_every: int = 500,
+          keep_checkpoints: int = 3, pack: bool = True, progress: bool = True,
+          stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains `model` on a SeqIO task; resumes from MODEL_DIR. Returns the last metrics.
+
+  `stop_after_steps` ends this invocation early (with a checkpoint) without changing
+  the schedule, as a preemption would; tests use it.
+  """
+  from recjax.data import pipeline
+
+  model_dir = pathlib.Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  net_model = model(vocab_size=item_vocab_size(mixture_or_task_name))
+  mesh = mesh_fn()
+  trainer = Trainer(net_model, mesh, tuple(logical_axis_rules), seed=seed, total_steps=train_steps,
+                    optimizer_fn=lambda n: optimizer(n))
+  converter = net_model.feature_converter(pack=pack, seed=seed)
+  data = pipeline.DataIterator(mixture_or_task_name, split="train", feature_converter=converter,
+                               task_feature_lengths=task_feature_lengths, batch_size=batch_size,
+                               shuffle=True, seed=seed)
+  checkpointer = ckpt_lib.Checkpointer(model_dir, keep=keep_checkpoints)
+  config = {"gin": gin.config_str(), "param_shapes": trainer.param_shapes,
+            "task": mixture_or_task_name, "model": type(net_model).__name__}
+
+  with jax.set_mesh(mesh):
+    start = checkpointer.latest_step()
+    if start is None:
+      state = trainer.init_state()
+      start = 0
+    else:
+      state, data_state, _ = checkpointer.restore(start, trainer.abstract_state, trainer.param_shapes)
+      data.restore(data_state)
+      log.info("resumed from step %d", start)
+    step_fn = trainer.make_train_step()
+    writer = _metric_writer(model_dir)
+    (model_dir / "config.gin").write_text(gin.config_str())
+
+    bar = _progress(progress, train_steps, start)
+    window, last_metrics = [], {}
+    t0, step = time.time(), start
+    end = train_steps if stop_after_steps is None else min(train_steps, start + stop_after_steps)
+    with _Preemption() as preemption:
+      while step < end:
+        state, metrics = step_fn(state, trainer.to_global(next(data)))
+        window.append(metrics)
+        step += 1
+        at_log = step % log_every == 0 or step == end
+        if at_log:
+          summary = _checked(window, time.time() - t0, step, checkpointer)
+          writer.write_scalars(step, summary)
+          bar.update(step - bar.n)
+          bar.set_postfix(loss=f"{summary['loss']:.4f}", items_s=f"{summary['items_per_sec']:.0f}")
+          last_metrics, window, t0 = summary, [], time.time()
+        # One process: the flag is a Python bool, free to read every step. Several: agree at
+        # log steps (a collective), so every process saves the same step.
+        if (jax.process_count() == 1 and preemption.requested) or (at_log and preemption.any_process()):
+          if window:
+            _checked(window, time.time() - t0, step, checkpointer)
+          checkpointer.save(step, state, data.state(), config, force=True)
+          checkpointer.close()
+          log.warning("SIGTERM: saved checkpoint at step %d; exiting", step)
+          print(f"preempted: checkpoint saved at step {step}", flush=True)
+          bar.close()
+          return dict(last_metrics, step=step, preempted=True)
+        if step % checkpoint_every == 0 or step == end:
+          if window:  # never checkpoint a state whose loss was not checked
+            _checked(window, time.time() - t0, step, checkpointer)
+          checkpointer.save(step, state, data.state(), config, force=True)
+    bar.close()
+    checkpointer.close()
+    writer.flush()
+  return dict(last_metrics, step=step)
+
+
+class _MetricWriter:
+  """TensorBoard event files in MODEL_DIR/tensorboard (primary process only).
+
+  tf.summary writes the event files; TensorFlow is already loaded by the input pipeline.
+  """
+
+  def __init__(self, logdir: pathlib.Path):
+    self._writer = None
+    if jax.process_index() == 0:
+      import tensorflow as tf
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(str(logdir))
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    if self._writer is None:
+      return
+    with self._writer.as_default(step=step):
+      for k, v in scalars.items():
+        self._tf.summary.scalar(k, v)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+
+def _metric_writer(model_dir: pathlib.Path) -> _MetricWriter:
+  return _MetricWriter(model_dir / "tensorboard")
+
+
+def _progress(enabled: bool, total: int, initial: int):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled or
+              jax.process_index() > 0, dynamic_ncols=True)
+
+
+def write_json(path, payload) -> None:
+  pathlib.Path(path).write_text(json.dumps(payload, indent=2) + "\n")
