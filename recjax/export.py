@@ -55,9 +55,8 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
   out = pathlib.Path(export_dir)
   out.mkdir(parents=True, exist_ok=True)
   mesh = mesh_fn()
-  with jax.set_mesh(mesh):
-    scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
-                                              logical_axis_rules, checkpoint_step)
+  scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
+                                            logical_axis_rules, checkpoint_step)
   flat, keys, treedef = _flatten(scorer.params)
   np.savez(out / "params.npz", **flat)
   np.savez(out / "item_table.npz", table=np.asarray(jax.device_get(scorer.item_table)),

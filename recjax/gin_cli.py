@@ -113,8 +113,10 @@ def run_entrypoint(command: str, args, gin_bindings: list[str]):
   if command == "evaluate" and getattr(args, "exported", None):
     kwargs["exported_dir"] = args.exported
   try:
-    return fn(**kwargs)
+    result = fn(**kwargs)
   except ValueError as e:
     if "Required bindings" in str(e) or "No Task or Mixture" in str(e):
       raise GinError(str(e).splitlines()[0]) from None
     raise
+  distributed.finish()
+  return result

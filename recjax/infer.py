@@ -26,27 +26,27 @@ def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
           split: str = "test", top_k: int = 10, batch_size: int = 256, output: str | None = None,
           mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES) -> str:
   mesh = mesh_fn()
-  with jax.set_mesh(mesh):
-    scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
-                                              logical_axis_rules)
-    converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
-    path = pathlib.Path(output or pathlib.Path(model_dir) / f"infer_{split}_step_{step}.jsonl")
-    names = _original_ids(mixture_or_task_name)
-    with open(path, "w") as f:
-      for batch in eval_lib.eval_batches(mixture_or_task_name, split, converter, task_feature_lengths,
-                                         batch_size):
-        features = {k: jnp.asarray(batch[k]) for k in eval_lib._MODEL_FEATURES}
-        query = scorer.queries_fn(scorer.params, features)
-        scores, ids = ranking.top_k(query, scorer.item_table, scorer.bias, k=top_k,
-                                    exclude=features["inputs"], vocab_size=scorer.vocab_size)
-        scores, ids = np.asarray(scores), np.asarray(ids)
-        for row in np.flatnonzero(batch["valid"]):
-          record = {"example_id": int(batch.get("example_id", np.full(len(ids), -1))[row]),
-                    "target": int(batch["target"][row]), "items": ids[row].tolist(),
-                    "scores": [round(float(s), 6) for s in scores[row]]}
-          if names is not None:
-            record["original_ids"] = [names.get(int(i)) for i in ids[row]]
-          f.write(json.dumps(record) + "\n")
+  # No mesh context here: see evaluate.evaluate.
+  scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
+                                            logical_axis_rules)
+  converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
+  path = pathlib.Path(output or pathlib.Path(model_dir) / f"infer_{split}_step_{step}.jsonl")
+  names = _original_ids(mixture_or_task_name)
+  with open(path, "w") as f:
+    for batch in eval_lib.eval_batches(mixture_or_task_name, split, converter, task_feature_lengths,
+                                       batch_size):
+      features = {k: jnp.asarray(batch[k]) for k in eval_lib._MODEL_FEATURES}
+      query = scorer.queries_fn(scorer.params, features)
+      scores, ids = ranking.top_k(query, scorer.item_table, scorer.bias, k=top_k,
+                                  exclude=features["inputs"], vocab_size=scorer.vocab_size)
+      scores, ids = np.asarray(scores), np.asarray(ids)
+      for row in np.flatnonzero(batch["valid"]):
+        record = {"example_id": int(batch.get("example_id", np.full(len(ids), -1))[row]),
+                  "target": int(batch["target"][row]), "items": ids[row].tolist(),
+                  "scores": [round(float(s), 6) for s in scores[row]]}
+        if names is not None:
+          record["original_ids"] = [names.get(int(i)) for i in ids[row]]
+        f.write(json.dumps(record) + "\n")
   print(f"wrote top-{top_k} recommendations for split {split!r} to {path}")
   return str(path)
 

@@ -133,27 +133,28 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
              popularity_baseline: bool = True, verbose: bool = True) -> dict[str, Any]:
   """Evaluates the latest checkpoint in `model_dir` (or `exported_dir`); writes JSON there."""
   mesh = mesh_fn()
-  with jax.set_mesh(mesh):
-    if exported_dir:
-      from recjax import export as export_lib
-      scorer, step = export_lib.load_scorer(exported_dir), export_lib.exported_step(exported_dir)
-      converter = export_lib.load_eval_converter(exported_dir)
-      out_dir = pathlib.Path(exported_dir)
-    else:
-      scorer, step = checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
-                                       checkpoint_step)
-      converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
-      out_dir = pathlib.Path(model_dir)
-    popularity = None
-    if popularity_baseline:
-      counts = train_popularity(mixture_or_task_name, scorer.item_table.shape[0])
-      popularity = jnp.asarray(counts)[:, None]
-    results: dict[str, Any] = {}
-    for split in splits:
-      batches = eval_batches(mixture_or_task_name, split, converter, task_feature_lengths, batch_size)
-      for name, metrics in rank_split(scorer, batches, exclude_history=exclude_history, ks=ks,
-                                      popularity=popularity).items():
-        results[f"{split}/{name}"] = metrics
+  # Built outside the mesh context: nnx.eval_shape inside one would read the logical axis
+  # names as mesh axes. The arrays carry their shardings; jit follows them.
+  if exported_dir:
+    from recjax import export as export_lib
+    scorer, step = export_lib.load_scorer(exported_dir), export_lib.exported_step(exported_dir)
+    converter = export_lib.load_eval_converter(exported_dir)
+    out_dir = pathlib.Path(exported_dir)
+  else:
+    scorer, step = checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
+                                     checkpoint_step)
+    converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
+    out_dir = pathlib.Path(model_dir)
+  popularity = None
+  if popularity_baseline:
+    counts = train_popularity(mixture_or_task_name, scorer.item_table.shape[0])
+    popularity = jnp.asarray(counts)[:, None]
+  results: dict[str, Any] = {}
+  for split in splits:
+    batches = eval_batches(mixture_or_task_name, split, converter, task_feature_lengths, batch_size)
+    for name, metrics in rank_split(scorer, batches, exclude_history=exclude_history, ks=ks,
+                                    popularity=popularity).items():
+      results[f"{split}/{name}"] = metrics
   protocol = ranking.ranking_protocol(scorer.vocab_size, exclude_history)
   payload = {"step": step, "task": mixture_or_task_name, "protocol": protocol, "results": results,
              "source": "export" if exported_dir else "checkpoint"}

@@ -94,6 +94,8 @@ class Bert4Rec:
   dtype: str = "float32"
   max_predictions_fraction: float = 0.25  # capacity of gathered loss positions per batch
   vocab_multiple: int = 128  # item table rows padded so it splits evenly over any mesh axis
+  mask_prob: float = 0.15  # cloze masking rate of the training converter
+  last_item_prob: float = 0.1  # fraction of training sequences with only the last item masked
 
   @property
   def padded_vocab_size(self) -> int:
@@ -111,15 +113,16 @@ class Bert4Rec:
                            tie_embeddings=self.tie_embeddings, dtype=compute_dtype(self.dtype),
                            rngs=rngs)
 
-  @property
-  def feature_converter(self):
+  def feature_converter(self, pack: bool = True, seed: int = 0):
+    """The training converter: cloze masking (seeded per example and epoch) + packing."""
     from recjax.data.converters import ItemSequencePackingConverter
-    return ItemSequencePackingConverter
+    return ItemSequencePackingConverter(pack=pack, mask_prob=self.mask_prob,
+                                        last_item_prob=self.last_item_prob, seed=seed)
 
-  @property
   def eval_feature_converter(self):
+    """Eval: history + [MASK], unpacked, the held-out item as the target."""
     from recjax.data.converters import ItemSequenceEvalConverter
-    return ItemSequenceEvalConverter
+    return ItemSequenceEvalConverter()
 
   def score_logits(self, net: Bert4RecNetwork, queries):
     """Full-vocabulary logits (float32); PAD, MASK and table padding pushed to -inf."""

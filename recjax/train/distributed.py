@@ -46,3 +46,19 @@ def _cpu_collectives() -> None:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):
       pass
+
+
+def finish() -> None:
+  """Waits for every process, then leaves jax.distributed together.
+
+  Processes finish at different times (the primary commits checkpoints and writes
+  summaries); without this barrier the faster one reaches jax's shutdown barrier alone
+  and the coordination service times out.
+  """
+  global _done
+  if not _done or jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices("recjax: command finished")
+  jax.distributed.shutdown()
+  _done = False

@@ -76,7 +76,10 @@ def make_optimizer(total_steps: int, *, learning_rate: float = 1e-3, b1: float =
 
 @dataclasses.dataclass
 class Trainer:
-  """Model + mesh + optimizer + jitted functions; shared by train, evaluate and export."""
+  """Model + mesh + optimizer + jitted functions; shared by train, evaluate and export.
+
+  Build it outside `jax.set_mesh`: nnx.eval_shape under an active mesh reads the logical
+  axis names as mesh axes."""
 
   model: Any
   mesh: jax.sharding.Mesh
@@ -175,6 +178,35 @@ class _Preemption:
     return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
 
+def _all_processes(obj) -> list:
+  """Every process's JSON-able `obj`, in process order (a collective when multi-process).
+
+  Orbax writes JSON items from the primary process only, but each process reads its own
+  data shard, so the checkpoint stores every process's iterator position.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size]))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:raw.size] = raw
+  gathered = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [json.loads(bytes(gathered[i, :sizes[i]]).decode()) for i in range(len(sizes))]
+
+
+def _data_checkpoint(data) -> dict:
+  return {"per_process": _all_processes(data.state())}
+
+
+def _restore_data(data, saved: dict) -> None:
+  states = saved["per_process"]
+  if len(states) != jax.process_count():
+    raise ValueError(f"the checkpoint holds data positions of {len(states)} processes but this run has "
+                     f"{jax.process_count()}; resume with the same number of processes")
+  data.restore(states[jax.process_index()])
+
+
 def _summarize(window: list[dict], elapsed: float, steps: int) -> dict[str, float]:
   fetched = jax.device_get(window)
   total = {k: float(np.sum([m[k] for m in fetched])) for k in fetched[0]}
@@ -238,7 +270,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
       start = 0
     else:
       state, data_state, _ = checkpointer.restore(start, trainer.abstract_state, trainer.param_shapes)
-      data.restore(data_state)
+      _restore_data(data, data_state)
       log.info("resumed from step %d", start)
     step_fn = trainer.make_train_step()
     writer = _metric_writer(model_dir)
@@ -265,7 +297,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
         if (jax.process_count() == 1 and preemption.requested) or (at_log and preemption.any_process()):
           if window:
             _checked(window, time.time() - t0, step, checkpointer)
-          checkpointer.save(step, state, data.state(), config, force=True)
+          checkpointer.save(step, state, _data_checkpoint(data), config, force=True)
           checkpointer.close()
           log.warning("SIGTERM: saved checkpoint at step %d; exiting", step)
           print(f"preempted: checkpoint saved at step {step}", flush=True)
@@ -274,7 +306,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
         if step % checkpoint_every == 0 or step == end:
           if window:  # never checkpoint a state whose loss was not checked
             _checked(window, time.time() - t0, step, checkpointer)
-          checkpointer.save(step, state, data.state(), config, force=True)
+          checkpointer.save(step, state, _data_checkpoint(data), config, force=True)
     bar.close()
     checkpointer.close()
     writer.flush()

@@ -11,7 +11,6 @@ import math
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -46,10 +45,10 @@ def create_mesh(data: int = 1, fsdp: int = -1, model: int = 1, devices: Sequence
   if math.prod(degrees) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, degrees))} needs {math.prod(degrees)} devices, "
                      f"have {len(devices)}")
-  try:
-    return jax.make_mesh(tuple(degrees), MESH_AXES, devices=devices)
-  except TypeError:  # older jax.make_mesh without devices=
-    return Mesh(np.asarray(devices).reshape(degrees), MESH_AXES)
+  # Auto axes: jit's in/out shardings place the arrays and GSPMD partitions everything in
+  # between (the t5x/maxtext model), rather than sharding-in-types everywhere.
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(tuple(degrees), MESH_AXES, devices=devices, axis_types=auto)
 
 
 def logical_to_mesh(spec: Sequence[Any], rules=DEFAULT_RULES, mesh: Mesh | None = None) -> P:
