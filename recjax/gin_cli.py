@@ -108,6 +108,8 @@ def run_entrypoint(command: str, args, gin_bindings: list[str]):
   module_name, fn_name, _ = ENTRYPOINTS[command]
   module = importlib.import_module(module_name)
   parse_gin(args.gin_file, gin_bindings, args.gin_search_paths)
+  import recjax.tasks
+  recjax.tasks.register_datasets()  # datasets named in gin: register_datasets.datasets = {...}
   fn = gin.get_configurable(getattr(module, fn_name))
   kwargs = {}
   if command == "evaluate" and getattr(args, "exported", None):

@@ -17,6 +17,7 @@ naming the file/line/field or the option at fault and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -128,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--steps", type=int, default=100, help="batches timed per mode, after a warm-up batch")
   q.add_argument("--seed", type=int, default=0)
   q.set_defaults(func=cmd_bench_pipeline)
+  q = bench_sub.add_parser("step", help="the jitted Bert4Rec train step alone vs the input pipeline alone",
+                           description="Times the pipeline on N prefetched batches, then the jitted "
+                           "train step on the same batches; one JSON line.")
+  _add_dataset_arg(q)
+  q.add_argument("--task", default="beauty_items", help="an item-sequence task")
+  q.add_argument("--batch_size", type=int, default=128)
+  q.add_argument("--length", type=int, default=50)
+  q.add_argument("--dim", type=int, default=64)
+  q.add_argument("--steps", type=int, default=20)
+  q.set_defaults(func=cmd_bench_step)
   from recjax import gin_cli
   for command, (_, _, help_text) in gin_cli.ENTRYPOINTS.items():
     q = sub.add_parser(command, help=help_text, description=gin_cli.__doc__,
@@ -290,6 +301,13 @@ def _render_example(ex, features, titles: dict[int, str], max_items: int) -> str
   return "\n".join(lines)
 
 
+def cmd_bench_step(args) -> None:
+  from recjax.bench import step
+  _load_tasks(args)
+  _provider(args.task)
+  step.run(args.task, batch_size=args.batch_size, length=args.length, steps=args.steps, dim=args.dim)
+
+
 def cmd_bench_pipeline(args) -> None:
   import json  # pylint: disable=g-import-not-at-top
   from recjax.bench import pipeline as bench  # pylint: disable=g-import-not-at-top
@@ -337,9 +355,28 @@ def cmd_synth(args) -> None:
         f"over {summary['num_items']:,} items to {args.output}")
 
 
+SHARED_DATA = pathlib.Path(os.environ.get(
+    "RECJAX_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _prepare_shared_datasets(root: pathlib.Path) -> None:
+  """Prepares the real datasets in ../shared/data (when present) so they register as tasks."""
+  from recjax.data import prepare
+  beauty, office = SHARED_DATA / "amazon-beauty", SHARED_DATA / "amazon-office"
+  jobs = []
+  if beauty.is_dir():
+    jobs.append(("beauty", "s3rec", beauty / "Beauty.txt",
+                 {"datamaps": str(beauty / "datamaps.json"), "item_text": str(beauty / "Amazon_Beauty.item")}))
+  if office.is_dir():
+    jobs.append(("office", "lcrec", office / "Office.inter.json", {}))
+  for name, fmt, src, extra in jobs:
+    if not (root / name / prepare.MANIFEST).is_file():
+      m = prepare.prepare(fmt, src, root / name, **extra)
+      print(f"prepared {name} from {src.parent}: {m['num_users']:,} users, {m['num_items']:,} items")
+
+
 def cmd_main(args) -> None:
   """synthesize -> prepare -> train -> evaluate -> export -> evaluate the export."""
-  import os
   from recjax import gin_cli
   from recjax.data import prepare, prepared, synthetic
   work = pathlib.Path(args.workdir)
@@ -355,6 +392,7 @@ def cmd_main(args) -> None:
     manifest = prepare.prepare(fmt, src, dst, options=prepare.PrepareOptions(kcore=5))
     print(prepared.format_table(prepared.summary_rows(manifest), f"{dst} ({manifest['seconds']}s)"))
     print()
+  _prepare_shared_datasets(work / "prepared")
   os.environ["RECJAX_DATA_DIR"] = str(work / "prepared")
   tasks = _import_tasks()
   for name in ("synthetic", "synthetic_regen"):
