@@ -20,7 +20,8 @@ import os
 from typing import Any, Iterator
 
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        category_levels, clean_text, iter_records, join_text, parse_price,
+                                        category_levels, clean_text, iter_records,
+                                        resolve_item_text, join_text, parse_price,
                                         require)
 
 _EXTENSIONS = (".json.gz", ".jsonl.gz", ".json", ".jsonl", ".gz")
@@ -59,20 +60,7 @@ def _read(input, item_text, datamaps, bad, edition: int) -> Source:
     raise FileNotFoundError(f"{fmt} reviews file not found: {input}")
   bad = bad or BadLines()
   notes: dict[str, Any] = {}
-  if item_text is None:
-    found = [p for p in meta_candidates(input) if os.path.isfile(p)]
-    if found:
-      item_text = found[0]
-      notes["item_text"] = item_text
-      notes["item_text_discovered"] = True
-    else:
-      # No metadata is legal (ids-only training); say so rather than fail.
-      notes["item_text"] = None
-      notes["item_text_missing"] = f"no item metadata given and none of {meta_candidates(input)} exists"
-  else:
-    if not os.path.isfile(item_text):
-      raise FileNotFoundError(f"{fmt} meta file not found: {item_text}")
-    notes["item_text"] = os.fspath(item_text)
+  item_text = resolve_item_text(item_text, meta_candidates(input), f"{fmt} meta file", notes)
   # Reviews: 2014 dumps circulate both as literals and as JSON; 2018 is always JSON.
   review_parse = "auto" if edition == 2014 else "json"
   meta_parse = "auto" if edition == 2014 else "json"

@@ -102,6 +102,24 @@ class BadLines:
     return {"skipped": self.count, "examples": list(self.examples)}
 
 
+def resolve_item_text(item_text, candidates: Sequence[str], what: str, notes: dict) -> str | None:
+  """The item-metadata file: `item_text` if given (it must exist), else the first existing
+  candidate next to the input, else None. Records the outcome in `notes`."""
+  if item_text is not None:
+    if not os.path.isfile(item_text):
+      raise FileNotFoundError(f"{what} not found: {item_text}")
+    notes["item_text"] = os.fspath(item_text)
+    return os.fspath(item_text)
+  found = [p for p in candidates if os.path.isfile(p)]
+  if found:
+    notes["item_text"] = found[0]
+    notes["item_text_discovered"] = True
+    return found[0]
+  notes["item_text"] = None
+  notes["item_text_missing"] = f"no {what} given and none of {list(candidates)} exists"
+  return None
+
+
 @contextlib.contextmanager
 def open_text(path: str | os.PathLike) -> Iterator[io.TextIOBase]:
   """Opens plain or gzip text by content (magic bytes), not by file name."""

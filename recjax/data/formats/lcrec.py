@@ -20,7 +20,8 @@ import os
 from typing import Any, Iterator
 
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        category_levels, clean_text, open_text)
+                                        category_levels, clean_text, open_text,
+                                        resolve_item_text)
 
 TEXT_FIELDS = ("title", "description", "brand")
 _EXAMPLES = 5
@@ -34,19 +35,7 @@ def read(input, *, item_text=None, datamaps=None, bad: BadLines | None = None) -
     raise FileNotFoundError(f"lcrec .inter.json file not found: {input}")
   bad = bad or BadLines()
   notes: dict[str, Any] = {"timestamps": "none in this format; order is the position in the file"}
-  if item_text is None:
-    found = [p for p in item_candidates(input) if os.path.isfile(p)]
-    if found:
-      item_text = found[0]
-      notes["item_text"] = item_text
-      notes["item_text_discovered"] = True
-    else:
-      notes["item_text"] = None
-      notes["item_text_missing"] = f"no .item.json given and none of {item_candidates(input)} exists"
-  else:
-    if not os.path.isfile(item_text):
-      raise FileNotFoundError(f"lcrec .item.json file not found: {item_text}")
-    notes["item_text"] = os.fspath(item_text)
+  item_text = resolve_item_text(item_text, item_candidates(input), "lcrec .item.json file", notes)
 
   def interactions() -> Iterator[Interaction]:
     order = 0

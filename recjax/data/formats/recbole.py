@@ -25,7 +25,8 @@ import os
 from typing import Any, Iterator
 
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        category_levels, clean_text, open_text)
+                                        category_levels, clean_text, open_text,
+                                        resolve_item_text)
 
 TYPES = ("token", "token_seq", "float", "float_seq")
 _FIELD_LIMIT = 2**31 - 1  # descriptions can exceed csv's 128 KiB default
@@ -56,19 +57,7 @@ def read(input, *, item_text=None, datamaps=None, bad: BadLines | None = None) -
     raise FileNotFoundError(f"recbole .inter file not found: {input}")
   bad = bad or BadLines()
   notes: dict[str, Any] = {}
-  if item_text is None:
-    found = [p for p in item_candidates(input) if os.path.isfile(p)]
-    if found:
-      item_text = found[0]
-      notes["item_text"] = item_text
-      notes["item_text_discovered"] = True
-    else:
-      notes["item_text"] = None
-      notes["item_text_missing"] = f"no .item file given and none of {item_candidates(input)} exists"
-  else:
-    if not os.path.isfile(item_text):
-      raise FileNotFoundError(f"recbole .item file not found: {item_text}")
-    notes["item_text"] = os.fspath(item_text)
+  item_text = resolve_item_text(item_text, item_candidates(input), "recbole .item file", notes)
   # Fail at read() time, not mid-pipeline, when a header lacks the join columns.
   check_header(input, INTER_COLUMNS, ("user_id", "item_id"))
   if item_text is not None:

@@ -27,7 +27,8 @@ import os
 from typing import Any, Iterator
 
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        category_levels, iter_records, parse_price)
+                                        category_levels, iter_records, parse_price,
+                                        resolve_item_text)
 
 GAMES_FILE = "steam_games.json.gz"
 
@@ -43,19 +44,8 @@ def read(input, *, item_text=None, datamaps=None, bad: BadLines | None = None) -
       "rating": "Steam has no star rating: rating is None unless a boolean "
                 "'recommended' field exists (1.0 recommended, 0.0 not)",
   }
-  if item_text is None:
-    sibling = os.path.join(os.path.dirname(os.fspath(input)), GAMES_FILE)
-    if os.path.isfile(sibling):
-      item_text = sibling
-      notes["item_text"] = sibling
-      notes["item_text_discovered"] = True
-    else:
-      notes["item_text"] = None
-      notes["item_text_missing"] = f"no games file given and {sibling} does not exist"
-  else:
-    if not os.path.isfile(item_text):
-      raise FileNotFoundError(f"steam games file not found: {item_text}")
-    notes["item_text"] = os.fspath(item_text)
+  sibling = os.path.join(os.path.dirname(os.fspath(input)), GAMES_FILE)
+  item_text = resolve_item_text(item_text, [sibling], "steam games file", notes)
 
   def interactions() -> Iterator[Interaction]:
     with_recommended = 0
