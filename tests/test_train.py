@@ -308,3 +308,17 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tsyn, tmp_path):
     # float32; the 2-device run reduces gradients in another order, and Adam amplifies the
     # last bits of near-zero second moments: observed max |diff| ~5e-6 after 12 steps.
     np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tsyn, tmp_path):
+  run = [*TINY, "--gin.TRAIN_STEPS=40", "--gin.loop.train.checkpoint_every=5", f"--gin.MODEL_DIR={tmp_path}"]
+  good = recjax("train", *run, "--gin.loop.train.stop_after_steps=5", dataset=tsyn)
+  assert good.returncode == 0, good.stderr[-2000:]
+  # An absurd learning rate sends the parameters to inf within a step (Adam's step size is
+  # the learning rate, whatever the clipped gradient norm).
+  bad = recjax("train", *run, "--gin.loop.make_optimizer.learning_rate=1e30", dataset=tsyn)
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  assert "loss became nan" in bad.stderr and "last good checkpoint is step 5" in bad.stderr
+  assert "Traceback" not in bad.stderr
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [5]

@@ -64,9 +64,17 @@ class Checkpointer:
     saved = config.get("param_shapes", {})
     if saved != expected_shapes:
       raise CheckpointMismatchError(_mismatch_sentence(self.directory / str(step), saved, expected_shapes))
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-        config=ocp.args.JsonRestore()))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          config=ocp.args.JsonRestore()))
+    except ValueError as e:
+      if "tree structures do not match" not in str(e):
+        raise
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory / str(step)} has the same parameters but a differently shaped "
+          "optimizer state (e.g. gradient clipping or the optimizer changed); resume with the "
+          "optimizer configuration it was trained with, or use a fresh MODEL_DIR") from None
     return out.state, out.data, out.config
 
   def wait(self) -> None:
