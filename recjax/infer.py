@@ -12,7 +12,6 @@ import pathlib
 from typing import Callable
 
 import gin
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -43,17 +43,17 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
     ds = ds.shard(n_proc, index)
   per_process = -(-total // n_proc)
   num_batches = -(-per_process // local)
+  # A shard that runs out early still yields all-padding batches (every process must step).
+  empty = {k: np.zeros((0, *(d or 0 for d in v.shape)), v.dtype.as_numpy_dtype)
+           for k, v in ds.element_spec.items()}
   it = ds.batch(local).prefetch(4).as_numpy_iterator()
   for _ in range(num_batches):
-    batch = next(it, None)
-    if batch is None:
-      batch = {k: np.zeros((0, *v.shape[1:]), v.dtype) for k, v in last.items() if k != "valid"}
+    batch = next(it, None) or empty
     n = len(batch["target"])
     valid = np.arange(local) < n
     batch = {k: np.concatenate([v, np.zeros((local - n, *v.shape[1:]), v.dtype)]) if n < local else v
              for k, v in batch.items()}
     batch["valid"] = valid
-    last = batch
     yield batch
 
 
