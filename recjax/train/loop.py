@@ -254,13 +254,14 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
   net_model = model(vocab_size=item_vocab_size(mixture_or_task_name))
   mesh = mesh_fn()
   trainer = Trainer(net_model, mesh, tuple(logical_axis_rules), seed=seed, total_steps=train_steps,
-                    optimizer_fn=lambda n: optimizer(n))
+                    optimizer_fn=optimizer)
   converter = net_model.feature_converter(pack=pack, seed=seed)
   data = pipeline.DataIterator(mixture_or_task_name, split="train", feature_converter=converter,
                                task_feature_lengths=task_feature_lengths, batch_size=batch_size,
                                shuffle=True, seed=seed)
   checkpointer = ckpt_lib.Checkpointer(model_dir, keep=keep_checkpoints)
-  config = {"gin": gin.config_str(), "param_shapes": trainer.param_shapes,
+  # Operative config: every binding actually used so far (model, optimizer, mesh, train).
+  config = {"gin": gin.operative_config_str(), "param_shapes": trainer.param_shapes,
             "task": mixture_or_task_name, "model": type(net_model).__name__}
 
   with jax.set_mesh(mesh):
@@ -274,7 +275,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
       log.info("resumed from step %d", start)
     step_fn = trainer.make_train_step()
     writer = _metric_writer(model_dir)
-    (model_dir / "config.gin").write_text(gin.config_str())
+    (model_dir / "config.gin").write_text(config["gin"])
 
     bar = _progress(progress, train_steps, start)
     window, last_metrics = [], {}
