@@ -40,11 +40,20 @@ def _flatten(params) -> tuple[dict[str, np.ndarray], list[str], object]:
   return flat, keys, jax.tree_util.tree_structure(params)
 
 
-def _batch_spec(length: int, b):
-  return {"inputs": jax.ShapeDtypeStruct((b, length), jnp.int32),
+def _batch_spec(length: int, b, critiques: bool = False):
+  spec = {"inputs": jax.ShapeDtypeStruct((b, length), jnp.int32),
           "segment_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
           "positions": jax.ShapeDtypeStruct((b, length), jnp.int32),
           "mask_position": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  if critiques:  # critique tasks: per-position critique ids, the target's at the MASK
+    spec["critiques"] = jax.ShapeDtypeStruct((b, length), jnp.int32)
+  return spec
+
+
+def _has_critiques(task_name: str) -> bool:
+  import seqio
+  import recjax.tasks  # noqa: F401
+  return "critiques" in seqio.get_mixture_or_task(task_name).output_features
 
 
 def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
@@ -76,17 +85,18 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
                          vocab_size=vocab_size)
 
   (b,) = jax.export.symbolic_shape("b")
+  critiques = _has_critiques(mixture_or_task_name)
   params_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
   table_spec = jax.ShapeDtypeStruct(scorer.item_table.shape, jnp.float32)
   bias_spec = jax.ShapeDtypeStruct(scorer.bias.shape, jnp.float32)
-  exported_q = jax.export.export(jax.jit(queries))(params_spec, _batch_spec(length, b))
-  exported_r = jax.export.export(jax.jit(recommend))(params_spec, _batch_spec(length, b), table_spec,
+  exported_q = jax.export.export(jax.jit(queries))(params_spec, _batch_spec(length, b, critiques))
+  exported_r = jax.export.export(jax.jit(recommend))(params_spec, _batch_spec(length, b, critiques), table_spec,
                                                      bias_spec)
   (out / "queries.jaxexport").write_bytes(exported_q.serialize())
   (out / "recommend.jaxexport").write_bytes(exported_r.serialize())
   (out / "config.gin").write_text(gin.operative_config_str())
   metadata = {"step": int(step), "task": mixture_or_task_name, "vocab_size": int(vocab_size),
-              "length": int(length), "top_k": int(top_k), "batch_features": list(BATCH_FEATURES),
+              "length": int(length), "top_k": int(top_k), "batch_features": list(BATCH_FEATURES) + (["critiques"] if critiques else []),
               "item_ids": {"pad": 0, "mask": 1, "first": 2}, "platforms": list(exported_q.platforms),
               "usage": "jax.export.deserialize(open('recommend.jaxexport','rb').read()).call("
                        "params, batch, table, bias) -> (scores [b, top_k], item ids [b, top_k])"}

@@ -19,7 +19,11 @@ ENTRYPOINTS = {
     "train": ("recjax.train.loop", "train", "train a model (gin/runs/train.gin)"),
     "evaluate": ("recjax.evaluation.evaluate", "evaluate",
                  "full-catalog ranking metrics of a checkpoint or export (gin/runs/eval.gin)"),
-    "infer": ("recjax.infer", "infer", "top-k recommendations per user as JSON lines (gin/runs/infer.gin)"),
+    "infer": ("recjax.infer", "infer", "top-k recommendations per user as JSON lines, or one user's "
+              "history and recommendations with and without a critique (gin/runs/infer.gin)"),
+    "critique": ("recjax.evaluation.critiquing", "critique",
+                 "critiquing evaluation: precise / broad / none and out-of-sequence Cat-nDCG "
+                 "(gin/runs/critique.gin)"),
     "export": ("recjax.export", "export",
                "self-contained export: params, config, vocab, serialized scoring (gin/runs/export.gin)"),
 }

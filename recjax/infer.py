@@ -23,18 +23,27 @@ from recjax.train import mesh as mesh_lib
 def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
           task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           split: str = "test", top_k: int = 10, batch_size: int = 256, output: str | None = None,
+          user: int | None = None, critique: str | None = None,
           mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES) -> str:
+  """Writes every user's top-k as JSON lines; with `user` set, prints that user's history
+  and top-k with and without a critique instead (`critique`: a string of the task's
+  critique table, default the held-out item's own critique)."""
   mesh = mesh_fn()
   # No mesh context here: see evaluate.evaluate.
   scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
                                             logical_axis_rules)
   converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
+  if user is not None:
+    from recjax.evaluation import critiquing
+    return critiquing.explain_user(scorer, mixture_or_task_name, converter, task_feature_lengths, user,
+                                   critique=critique, split=split, top_k=top_k)
   path = pathlib.Path(output or pathlib.Path(model_dir) / f"infer_{split}_step_{step}.jsonl")
   names = _original_ids(mixture_or_task_name)
   with open(path, "w") as f:
-    for batch in eval_lib.eval_batches(mixture_or_task_name, split, converter, task_feature_lengths,
-                                       batch_size):
-      features = {k: jnp.asarray(batch[k]) for k in eval_lib._MODEL_FEATURES}
+    # A mixture's tasks hold the same users: recommend from its first task.
+    task = eval_lib.eval_task_names(mixture_or_task_name)[0]
+    for batch in eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size):
+      features = {k: jnp.asarray(batch[k]) for k in eval_lib._MODEL_FEATURES if k in batch}
       query = scorer.queries_fn(scorer.params, features)
       scores, ids = ranking.top_k(query, scorer.item_table, scorer.bias, k=top_k,
                                   exclude=features["inputs"], vocab_size=scorer.vocab_size)

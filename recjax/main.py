@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--steps", type=int, default=100, help="batches timed per mode, after a warm-up batch")
   q.add_argument("--seed", type=int, default=0)
   q.set_defaults(func=cmd_bench_pipeline)
-  q = bench_sub.add_parser("step", help="the jitted Bert4Rec train step alone vs the input pipeline alone",
+  q = bench_sub.add_parser("step", help="the jitted train step alone vs the input pipeline alone",
                            description="Times the pipeline on N prefetched batches, then the jitted "
                            "train step on the same batches; one JSON line.")
   _add_dataset_arg(q)
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--length", type=int, default=50)
   q.add_argument("--dim", type=int, default=64)
   q.add_argument("--steps", type=int, default=20)
+  q.add_argument("--model", default="bert4rec", choices=["bert4rec", "flare", "flare_pooled", "flare_id"],
+                 help="flare*: also times encoding the batch's item texts with the frozen encoder, "
+                 "i.e. what the step would cost without the token-state cache")
   q.set_defaults(func=cmd_bench_step)
   from recjax import gin_cli
   for command, (_, _, help_text) in gin_cli.ENTRYPOINTS.items():
@@ -305,7 +308,8 @@ def cmd_bench_step(args) -> None:
   from recjax.bench import step
   _load_tasks(args)
   _provider(args.task)
-  step.run(args.task, batch_size=args.batch_size, length=args.length, steps=args.steps, dim=args.dim)
+  step.run(args.task, batch_size=args.batch_size, length=args.length, steps=args.steps, dim=args.dim,
+           model=args.model)
 
 
 def cmd_bench_pipeline(args) -> None:

@@ -57,10 +57,25 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
     yield batch
 
 
+def _first_task(name: str):
+  import seqio
+  import recjax.tasks  # noqa: F401
+  provider = seqio.get_mixture_or_task(name)
+  return provider.tasks[0] if isinstance(provider, seqio.Mixture) else provider
+
+
+def eval_task_names(name: str) -> list[str]:
+  """A task evaluates as itself; a mixture as each of its tasks (a mixture's examples are
+  sampled endlessly, so it has no finite split to rank)."""
+  import seqio
+  import recjax.tasks  # noqa: F401
+  provider = seqio.get_mixture_or_task(name)
+  return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [name]
+
+
 def train_popularity(mixture_or_task_name: str, vocab_size: int) -> np.ndarray:
   """Item counts over the training split (the popularity baseline's scores)."""
-  import seqio
-  task = seqio.get_mixture_or_task(mixture_or_task_name)
+  task = _first_task(mixture_or_task_name)  # a mixture's tasks share one item sequence source
   counts = np.zeros(vocab_size, np.float32)
   ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, trim_output_features=False)
   for ex in ds.as_numpy_iterator():
@@ -81,24 +96,28 @@ def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, 
   from recjax.train import checkpoint as ckpt_lib
   from recjax.train import loop
   net_model = model(vocab_size=loop.item_vocab_size(mixture_or_task_name))
-  trainer = loop.Trainer(net_model, mesh, tuple(rules))
+  trainer = loop.Trainer(net_model, mesh, tuple(rules),
+                         frozen_inputs=loop.frozen_inputs(net_model, mixture_or_task_name))
   checkpointer = ckpt_lib.Checkpointer(model_dir)
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first")
   state, _, _ = checkpointer.restore(step, trainer.abstract_state, trainer.param_shapes)
   checkpointer.close()
-  params = state.params
+  # Frozen inputs travel with the parameters (an export saves them as well).
+  params = {"params": state.params, "frozen": trainer.frozen}
 
   @jax.jit
   def queries_fn(params, batch):
-    return net_model.queries(trainer.network(params), batch)
+    if params["frozen"]:
+      batch = dict(batch, frozen=params["frozen"])
+    return net_model.queries(trainer.network(params["params"]), batch)
 
-  table, bias = jax.jit(lambda p: trainer.network(p).item_table())(params)
+  table, bias = jax.jit(lambda p: trainer.network(p).item_table())(state.params)
   return Scorer(queries_fn, params, table, bias, net_model.vocab_size), step
 
 
-_MODEL_FEATURES = ("inputs", "segment_ids", "positions", "mask_position")
+_MODEL_FEATURES = ("inputs", "segment_ids", "positions", "mask_position", "critiques")
 
 
 def rank_split(scorer: Scorer, batches, *, exclude_history: bool, ks, popularity=None) -> dict[str, dict]:
@@ -107,7 +126,7 @@ def rank_split(scorer: Scorer, batches, *, exclude_history: bool, ks, popularity
   pop_acc = ranking.RankingMetrics(ks) if popularity is not None else None
   for batch in batches:
     exclude = jnp.asarray(batch["inputs"]) if exclude_history else None
-    features = {k: jnp.asarray(batch[k]) for k in _MODEL_FEATURES}
+    features = {k: jnp.asarray(batch[k]) for k in _MODEL_FEATURES if k in batch}
     query = scorer.queries_fn(scorer.params, features)
     targets = jnp.asarray(np.where(batch["valid"], batch["target"], 0))
     ranks = ranking.target_ranks(query, scorer.item_table, targets, scorer.bias, exclude=exclude,
@@ -150,11 +169,13 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
     counts = train_popularity(mixture_or_task_name, scorer.item_table.shape[0])
     popularity = jnp.asarray(counts)[:, None]
   results: dict[str, Any] = {}
+  names = eval_task_names(mixture_or_task_name)
   for split in splits:
-    batches = eval_batches(mixture_or_task_name, split, converter, task_feature_lengths, batch_size)
-    for name, metrics in rank_split(scorer, batches, exclude_history=exclude_history, ks=ks,
-                                    popularity=popularity).items():
-      results[f"{split}/{name}"] = metrics
+    for task in names:
+      batches = eval_batches(task, split, converter, task_feature_lengths, batch_size)
+      for name, metrics in rank_split(scorer, batches, exclude_history=exclude_history, ks=ks,
+                                      popularity=popularity).items():
+        results[f"{split}/{name}" if len(names) == 1 else f"{split}/{task}/{name}"] = metrics
   protocol = ranking.ranking_protocol(scorer.vocab_size, exclude_history)
   payload = {"step": step, "task": mixture_or_task_name, "protocol": protocol, "results": results,
              "source": "export" if exported_dir else "checkpoint"}

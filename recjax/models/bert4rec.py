@@ -35,7 +35,7 @@ def compute_dtype(name: str):
 class Bert4RecNetwork(nnx.Module):
   def __init__(self, *, vocab_size: int, max_length: int, dim: int, num_layers: int, num_heads: int,
                mlp_dim: int, dropout: float, attention_dropout: float, tie_embeddings: bool,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, causal: bool = False):
     init = nnx.initializers.truncated_normal(0.02)
     # The item table is the largest tensor: 'item' maps to the `model` mesh axis.
     self.items = nnx.Embed(vocab_size, dim, dtype=dtype, param_dtype=jnp.float32,
@@ -54,12 +54,18 @@ class Bert4RecNetwork(nnx.Module):
     self.output_bias = nnx.Param(
         layers.param_init(nnx.initializers.zeros_init(), "item")(rngs.params(), (vocab_size,), jnp.float32))
     self.dtype = dtype
+    self.causal = causal
 
-  def encode(self, inputs, segment_ids, positions, *, deterministic: bool, rngs=None):
-    """Hidden states [B, L, D] of a (packed) batch."""
+  def encode(self, inputs, segment_ids, positions, *, deterministic: bool, rngs=None, extra=None):
+    """Hidden states [B, L, D] of a (packed) batch; `extra` [B, L, D] is added to the
+    input embeddings (FLARE's fused text context)."""
     x = self.items(inputs) + self.positions(positions)
+    if extra is not None:
+      x = x + extra
     x = self.dropout(self.norm(x), deterministic=deterministic, rngs=rngs).astype(self.dtype)
-    mask = layers.segment_mask(segment_ids)
+    # causal=True is the "without bidirectional attention" ablation: a position sees only
+    # its own segment's past, so the model reads the history left to right.
+    mask = layers.segment_mask(segment_ids, causal=self.causal)
     for block in self.blocks:
       x = block(x, mask, deterministic=deterministic, rngs=rngs)
     return x
@@ -96,6 +102,7 @@ class Bert4Rec:
   vocab_multiple: int = 128  # item table rows padded so it splits evenly over any mesh axis
   mask_prob: float = 0.15  # cloze masking rate of the training converter
   last_item_prob: float = 0.1  # fraction of training sequences with only the last item masked
+  causal: bool = False  # True: left-to-right attention (ablation of bidirectional attention)
 
   @property
   def padded_vocab_size(self) -> int:
@@ -103,15 +110,22 @@ class Bert4Rec:
 
   INPUT_FEATURE = "items"
 
-  def network(self, rngs: nnx.Rngs) -> Bert4RecNetwork:
+  def network_kwargs(self) -> dict:
     if self.vocab_size <= NUM_RESERVED:
-      raise ValueError(f"Bert4Rec.vocab_size must exceed {NUM_RESERVED} (PAD, MASK), got {self.vocab_size}")
-    return Bert4RecNetwork(vocab_size=self.padded_vocab_size, max_length=self.max_length, dim=self.dim,
-                           num_layers=self.num_layers, num_heads=self.num_heads,
-                           mlp_dim=self.mlp_dim, dropout=self.dropout,
-                           attention_dropout=self.attention_dropout,
-                           tie_embeddings=self.tie_embeddings, dtype=compute_dtype(self.dtype),
-                           rngs=rngs)
+      raise ValueError(f"{type(self).__name__}.vocab_size must exceed {NUM_RESERVED} (PAD, MASK), "
+                       f"got {self.vocab_size}")
+    return dict(vocab_size=self.padded_vocab_size, max_length=self.max_length, dim=self.dim,
+                num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                dropout=self.dropout, attention_dropout=self.attention_dropout,
+                tie_embeddings=self.tie_embeddings, dtype=compute_dtype(self.dtype), causal=self.causal)
+
+  def network(self, rngs: nnx.Rngs) -> Bert4RecNetwork:
+    return Bert4RecNetwork(**self.network_kwargs(), rngs=rngs)
+
+  def hidden(self, net: Bert4RecNetwork, batch, *, deterministic: bool, rngs=None):
+    """Hidden states [B, L, D] of a batch (subclasses add inputs beside the item ids)."""
+    return net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
+                      deterministic=deterministic, rngs=rngs)
 
   def feature_converter(self, pack: bool = True, seed: int = 0):
     """The training converter: cloze masking (seeded per example and epoch) + packing."""
@@ -141,8 +155,11 @@ class Bert4Rec:
     """
     deterministic = rng is None
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
-    hidden = net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
-                        deterministic=deterministic, rngs=rngs)
+    hidden = self.hidden(net, batch, deterministic=deterministic, rngs=rngs)
+    return self.cloze_loss(net, hidden, batch)
+
+  def cloze_loss(self, net: Bert4RecNetwork, hidden, batch):
+    """(loss, metrics) of the cloze objective given the hidden states [B, L, D]."""
     weights = batch["weights"].reshape(-1)
     n = weights.shape[0]
     capacity = min(n, math.ceil(n * self.max_predictions_fraction) + 8)
@@ -168,6 +185,6 @@ class Bert4Rec:
 
   def queries(self, net: Bert4RecNetwork, batch):
     """Eval: the query vector at each row's MASK position, float32 [B, D]."""
-    hidden = net.encode(batch["inputs"], batch["segment_ids"], batch["positions"], deterministic=True)
+    hidden = self.hidden(net, batch, deterministic=True)
     at_mask = jnp.take_along_axis(hidden, batch["mask_position"][:, None, None], axis=1)[:, 0]
     return net.query(at_mask).astype(jnp.float32)

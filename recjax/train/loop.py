@@ -87,6 +87,11 @@ class Trainer:
   seed: int = 0
   total_steps: int = 1
   optimizer_fn: Callable = make_optimizer
+  # Frozen model inputs (e.g. FLARE's cached text-encoder states), from the model's
+  # `frozen_inputs(task)`: {name: (numpy array, logical axes)}. They reach `loss_fn` and
+  # `queries` as batch["frozen"], are never differentiated, and are not checkpointed
+  # (they are a function of the data and the frozen encoder, cached on disk).
+  frozen_inputs: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     abstract = nnx.eval_shape(lambda: self.model.network(nnx.Rngs(self.seed)))
@@ -104,6 +109,17 @@ class Trainer:
         TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt),
         self.state_shardings)
     self.param_shapes = ckpt_lib.param_shapes(abstract_params)
+    self.frozen_shardings = {k: mesh_lib.named_sharding(self.mesh, self.rules, axes)
+                             for k, (_, axes) in self.frozen_inputs.items()}
+    self._frozen = None
+
+  @property
+  def frozen(self) -> dict[str, jax.Array]:
+    """The frozen inputs on device (placed once, with their shardings)."""
+    if self._frozen is None:
+      self._frozen = {k: jax.make_array_from_callback(v.shape, self.frozen_shardings[k], lambda i, v=v: v[i])
+                      for k, (v, _) in self.frozen_inputs.items()}
+    return self._frozen
 
   # -- state ------------------------------------------------------------------------
 
@@ -122,8 +138,10 @@ class Trainer:
   def make_train_step(self):
     base_key = jax.random.key(self.seed)
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, frozen):
       rng = jax.random.fold_in(base_key, state.step)  # a pure function of the step: resumable
+      if frozen:
+        batch = dict(batch, frozen=frozen)
 
       def loss_fn(params):
         return self.model.loss_fn(self.network(params), batch, rng)
@@ -135,11 +153,18 @@ class Trainer:
                      learning_rate=jnp.asarray(self.schedule(state.step), jnp.float32))
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    jitted = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding, self.frozen_shardings),
+                     out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    return lambda state, batch: jitted(state, batch, self.frozen)
 
   def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+
+
+def frozen_inputs(model, task_name: str) -> dict:
+  """The model's frozen inputs for a task ({} for models without any)."""
+  fn = getattr(model, "frozen_inputs", None)
+  return fn(task_name) if fn is not None else {}
 
 
 def item_vocab_size(task_name: str, feature: str = "items") -> int:
@@ -212,7 +237,11 @@ def _summarize(window: list[dict], elapsed: float, steps: int) -> dict[str, floa
   total = {k: float(np.sum([m[k] for m in fetched])) for k in fetched[0]}
   last = fetched[-1]
   targets = max(total["targets"], 1.0)
+  # Auxiliary losses report "<name>_sum" and "<name>_count" (e.g. FLARE's contrastive).
+  aux = {k[:-4]: total[k] / max(total[k[:-4] + "_count"], 1.0) for k in total
+         if k.endswith("_sum") and k[:-4] + "_count" in total}
   return {
+      **aux,
       "loss": total["loss_sum"] / targets,
       "accuracy": total["accuracy_sum"] / targets,
       "learning_rate": float(last["learning_rate"]),
@@ -254,7 +283,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
   net_model = model(vocab_size=item_vocab_size(mixture_or_task_name))
   mesh = mesh_fn()
   trainer = Trainer(net_model, mesh, tuple(logical_axis_rules), seed=seed, total_steps=train_steps,
-                    optimizer_fn=optimizer)
+                    optimizer_fn=optimizer, frozen_inputs=frozen_inputs(net_model, mixture_or_task_name))
   converter = net_model.feature_converter(pack=pack, seed=seed)
   data = pipeline.DataIterator(mixture_or_task_name, split="train", feature_converter=converter,
                                task_feature_lengths=task_feature_lengths, batch_size=batch_size,

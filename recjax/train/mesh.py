@@ -29,6 +29,8 @@ DEFAULT_RULES = (
     ("kv", None),
     ("length", None),
     ("latents", None),
+    ("latents_embed", None),  # FLARE Perceiver width
+    ("text_embed", None),  # frozen text-encoder width
 )
 
 
@@ -86,3 +88,8 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding of a batch's leading axis ('batch' logical axis)."""
   return NamedSharding(mesh, logical_to_mesh(("batch",), rules, mesh))
+
+
+def named_sharding(mesh: Mesh, rules, logical_axes: Sequence[Any]) -> NamedSharding:
+  """The NamedSharding of an array whose axes carry `logical_axes` (None = replicated)."""
+  return NamedSharding(mesh, logical_to_mesh(tuple(logical_axes), rules, mesh))
