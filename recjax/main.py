@@ -9,6 +9,7 @@
   recjax infer     top-k recommendations per user as JSON lines
   recjax export    a self-contained directory: params, config, vocab, serialized scoring
   recjax bench     measure parts of the system (`bench pipeline`: the input pipeline)
+  recjax semantic-ids  RQ-VAE semantic IDs of a prepared dataset's items (TIGER / Mender)
 
 Errors in the input (a malformed line, a missing file, a bad option) print one sentence
 naming the file/line/field or the option at fault and exit with status 2.
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="flare*: also times encoding the batch's item texts with the frozen encoder, "
                  "i.e. what the step would cost without the token-state cache")
   q.set_defaults(func=cmd_bench_step)
+  _add_semantic_ids_parser(sub)
   from recjax import gin_cli
   for command, (_, _, help_text) in gin_cli.ENTRYPOINTS.items():
     q = sub.add_parser(command, help=help_text, description=gin_cli.__doc__,
@@ -327,6 +329,42 @@ def cmd_bench_pipeline(args) -> None:
   for row in bench.run(task, split=args.split, batch_size=args.batch_size, length=args.length,
                        steps=args.steps, seed=args.seed):
     print(json.dumps(row), flush=True)
+
+
+def _add_semantic_ids_parser(sub) -> None:
+  p = sub.add_parser("semantic-ids", help="RQ-VAE semantic IDs of a prepared dataset's items",
+                     description="Embeds every item's text with a frozen sentence encoder (cached), "
+                     "trains an RQ-VAE (k-means initialised residual codebooks), adds a level that "
+                     "makes every ID unique and saves DIR/semantic_ids/NAME.npz (+ NAME.json). "
+                     "Prints the metrics as JSON.")
+  p.add_argument("--data", required=True, help="prepared dataset directory")
+  p.add_argument("--name", default="rqvae", help="name of the semantic-ID set")
+  p.add_argument("--encoder", default="minilm", help="minilm or a BERT / T5 checkpoint directory")
+  p.add_argument("--steps", type=int, default=3000)
+  p.add_argument("--batch_size", type=int, default=1024)
+  p.add_argument("--levels", type=int, default=3, help="residual levels (before the unique level)")
+  p.add_argument("--codes", type=int, default=256, help="codes per residual level")
+  p.add_argument("--unique_codes", type=int, default=0, help="codes of the unique level (0 = --codes)")
+  p.add_argument("--gradient", default="ste", choices=["ste", "rotation"])
+  p.add_argument("--dead_code_every", type=int, default=20,
+                 help="restart codes unused for N steps (0 = off)")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(func=cmd_semantic_ids)
+
+
+def cmd_semantic_ids(args) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  from recjax.models import rqvae  # pylint: disable=g-import-not-at-top
+  for arg in ("steps", "batch_size", "levels", "codes"):
+    if getattr(args, arg) < 1:
+      raise UsageError(f"--{arg} must be >= 1, got {getattr(args, arg)}")
+  config = rqvae.RQVAEConfig(num_levels=args.levels, codebook_size=args.codes, steps=args.steps,
+                             batch_size=args.batch_size, gradient=args.gradient,
+                             dead_code_every=args.dead_code_every, seed=args.seed)
+  _, metrics = rqvae.build_semantic_ids(args.data, args.name, encoder=args.encoder, config=config,
+                                        unique_codes=args.unique_codes or None)
+  saved = rqvae.semantic_ids_dir(args.data) / f"{args.name}.npz"
+  print(json.dumps({**metrics, "saved": str(saved)}), flush=True)
 
 
 def _prepare_options(args):

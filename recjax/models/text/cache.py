@@ -33,9 +33,13 @@ _STORAGE = {"float16": np.float16, "float32": np.float32}
 
 
 def cache_key(encoder, strings: Sequence[str], max_length: int, dtype: str) -> str:
-  h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "encoder": encoder.fingerprint,
-                                 "max_length": int(max_length), "dtype": dtype,
-                                 "count": len(strings)}, sort_keys=True).encode())
+  return hash_strings({"version": CACHE_VERSION, "encoder": encoder.fingerprint,
+                       "max_length": int(max_length), "dtype": dtype}, strings)
+
+
+def hash_strings(header: dict, strings: Sequence[str]) -> str:
+  """A 40-hex key of a JSON-able header and a list of strings (in order)."""
+  h = hashlib.sha256(json.dumps({**header, "count": len(strings)}, sort_keys=True).encode())
   for s in strings:  # length-prefixed, so no two lists of strings hash alike
     b = s.encode("utf-8", "surrogatepass")
     h.update(len(b).to_bytes(8, "little"))
