@@ -279,9 +279,9 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tsyn, tmp_path):
   common = [*TINY, "--gin.TRAIN_STEPS=12", f"--gin.MODEL_DIR={model_dir}",
             "--gin.loop.make_optimizer.learning_rate=3e-3", "--gin.loop.train.checkpoint_every=6"]
 
-  def launch(*extra):
+  def launch(*extra, command="train"):
     cmd = [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes", "2", "--",
-           sys.executable, "-m", "recjax.main", "train", *common, *extra, "--dataset", f"tsyn={tsyn}"]
+           sys.executable, "-m", "recjax.main", command, *common, *extra, "--dataset", f"tsyn={tsyn}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
@@ -308,6 +308,21 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tsyn, tmp_path):
     # float32; the 2-device run reduces gradients in another order, and Adam amplifies the
     # last bits of near-zero second moments: observed max |diff| ~5e-6 after 12 steps.
     np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)
+
+  # Evaluation in two processes (each ranking its own half of the users) reports the
+  # metrics of all users, as one process does.
+  two = launch(command="evaluate")
+  assert two.returncode == 0, two.stdout[-3000:]
+  two = json.loads((model_dir / "eval_step_12.json").read_text())["results"]
+  one = recjax("evaluate", *common, dataset=tsyn)
+  assert one.returncode == 0, one.stderr[-3000:]
+  one = json.loads((model_dir / "eval_step_12.json").read_text())["results"]
+  assert set(one) == set(two)
+  for key in one:
+    assert one[key]["count"] == two[key]["count"] > 250, key  # every test user, not one shard
+    for metric, value in one[key].items():
+      # Per-batch float32 sums group the users differently in the two layouts.
+      assert two[key][metric] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, metric)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tsyn, tmp_path):

@@ -87,9 +87,21 @@ def train_popularity(mixture_or_task_name: str, vocab_size: int) -> np.ndarray:
 class Scorer:
   """What evaluation needs from a model: query vectors for a batch and the item table."""
 
-  def __init__(self, queries_fn: Callable, params, item_table: jax.Array, bias: jax.Array, vocab_size: int):
+  def __init__(self, queries_fn: Callable, params, item_table: jax.Array, bias: jax.Array, vocab_size: int,
+               batch_sharding: jax.sharding.Sharding | None = None):
     self.queries_fn, self.params = queries_fn, params
     self.item_table, self.bias, self.vocab_size = item_table, bias, vocab_size
+    self.batch_sharding = batch_sharding
+
+  def put(self, local: np.ndarray) -> jax.Array:
+    """This process's rows of a batch as the global array every process computes on.
+
+    With several processes each holds different users: their rows must become one global
+    batch, or a computation partitioned across processes would mix them. Without a batch
+    sharding (an export, one device) the rows are simply placed on the default device."""
+    if self.batch_sharding is None:
+      return jnp.asarray(local)
+    return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local))
 
 
 def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, step=None) -> tuple[Scorer, int]:
@@ -104,8 +116,13 @@ def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, 
     raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first")
   state, _, _ = checkpointer.restore(step, trainer.abstract_state, trainer.param_shapes)
   checkpointer.close()
+  return params_scorer(net_model, trainer, state.params), step
+
+
+def params_scorer(net_model, trainer, params) -> Scorer:
+  """A Scorer of in-memory parameters (a restored checkpoint, or a run in progress)."""
   # Frozen inputs travel with the parameters (an export saves them as well).
-  params = {"params": state.params, "frozen": trainer.frozen}
+  full = {"params": params, "frozen": trainer.frozen}
 
   @jax.jit
   def queries_fn(params, batch):
@@ -113,8 +130,8 @@ def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, 
       batch = dict(batch, frozen=params["frozen"])
     return net_model.queries(trainer.network(params["params"]), batch)
 
-  table, bias = jax.jit(lambda p: trainer.network(p).item_table())(state.params)
-  return Scorer(queries_fn, params, table, bias, net_model.vocab_size), step
+  table, bias = jax.jit(lambda p: trainer.network(p).item_table())(params)
+  return Scorer(queries_fn, full, table, bias, net_model.vocab_size, batch_sharding=trainer.batch_sharding)
 
 
 _MODEL_FEATURES = ("inputs", "segment_ids", "positions", "mask_position", "critiques")
@@ -125,18 +142,21 @@ def rank_split(scorer: Scorer, batches, *, exclude_history: bool, ks, popularity
   model_acc = ranking.RankingMetrics(ks)
   pop_acc = ranking.RankingMetrics(ks) if popularity is not None else None
   for batch in batches:
-    exclude = jnp.asarray(batch["inputs"]) if exclude_history else None
-    features = {k: jnp.asarray(batch[k]) for k in _MODEL_FEATURES if k in batch}
+    # Global arrays (see Scorer.put): the metric sums below are then sums over every
+    # process's users, the same on each process.
+    exclude = scorer.put(batch["inputs"]) if exclude_history else None
+    features = {k: scorer.put(batch[k]) for k in _MODEL_FEATURES if k in batch}
     query = scorer.queries_fn(scorer.params, features)
-    targets = jnp.asarray(np.where(batch["valid"], batch["target"], 0))
+    targets = scorer.put(np.where(batch["valid"], batch["target"], 0))
+    valid = scorer.put(batch["valid"])
     ranks = ranking.target_ranks(query, scorer.item_table, targets, scorer.bias, exclude=exclude,
                                  vocab_size=scorer.vocab_size)
-    model_acc.update(ranks, jnp.asarray(batch["valid"]))
+    model_acc.update(ranks, valid)
     if pop_acc is not None:
-      ones = jnp.ones((len(targets), 1), jnp.float32)
+      ones = scorer.put(np.ones((len(batch["target"]), 1), np.float32))
       pop_ranks = ranking.target_ranks(ones, popularity, targets, exclude=exclude,
                                        vocab_size=scorer.vocab_size)
-      pop_acc.update(pop_ranks, jnp.asarray(batch["valid"]))
+      pop_acc.update(pop_ranks, valid)
   out = {"model": model_acc.result()}
   if pop_acc is not None:
     out["popularity"] = pop_acc.result()
