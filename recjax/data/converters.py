@@ -400,6 +400,58 @@ class ItemSequencePackingConverter(_ItemSequenceConverter):
     return out
 
 
+class NextItemPackingConverter(_ItemSequenceConverter):
+  """SASRec-style training: every position predicts the item that follows it.
+
+  An example of n items becomes n - 1 input positions (items[:-1]) whose targets
+  are items[1:], all weighted 1, packed (or padded) into rows of L; examples of
+  one item have no target and are dropped. With causal attention every prefix of
+  every sequence is a training example in one pass, which is what makes the
+  cross-entropy SASRec strong (Klenitskiy & Vasilev 2023, "Turning dross into gold
+  loss"). Deterministic: no masks, so no example ids or epochs are needed.
+
+  Model features: as `ItemSequencePackingConverter` ("inputs", "targets",
+  "weights", "segment_ids", "positions", and "critiques" of the input steps when
+  the task has them). Evaluation uses `ItemSequenceEvalConverter`, whose history
+  positions match these (item j of a sequence at position j).
+  """
+
+  MODEL_FEATURES = ItemSequencePackingConverter.MODEL_FEATURES
+
+  def __init__(self, pack: bool = True, window: int = 1024, example_id_key: str = "example_id"):
+    super().__init__(pack=pack, window=window, example_id_key=example_id_key)
+
+  def __repr__(self):
+    return f"{type(self).__name__}(pack={self.pack})"
+
+  def _model_features(self, with_critiques, with_example_id):
+    del with_example_id
+    out = dict(self.MODEL_FEATURES)
+    if with_critiques:
+      out["critiques"] = FeatureSpec(tf.int32)
+    return out
+
+  def _convert_batch(self, batch, length):
+    keep = batch["items"].row_lengths() > 1
+    items = tf.ragged.boolean_mask(batch["items"], keep)
+    dense = lambda x: x.to_tensor(shape=[None, length])
+    inputs = items[:, :-1]
+    out = {"inputs": dense(inputs), "targets": dense(items[:, 1:]),
+           "weights": dense(tf.ragged.map_flat_values(tf.ones_like, inputs, dtype=tf.float32))}
+    if "critiques" in batch:
+      out["critiques"] = dense(tf.ragged.boolean_mask(batch["critiques"], keep)[:, :-1])
+    lens = tf.cast(inputs.row_lengths(), tf.int32)
+    if self.pack:
+      # Example ids, when the task has them, only decide the order of the packed rows
+      # (see pack_batch); without them rows stay in first-fit order.
+      eid = batch.get(self._example_id_key)
+      keys = None if eid is None else example_keys(0, 0, tf.boolean_mask(eid, keep))
+      return pack_batch(out, lens, length, keys)
+    out["segment_ids"] = tf.cast(tf.sequence_mask(lens, length), tf.int32)
+    out["positions"] = tf.range(length) * out["segment_ids"]
+    return out
+
+
 class ItemSequenceEvalConverter(_ItemSequenceConverter):
   """Next-item eval: the last item is held out and a MASK follows the history.
 
