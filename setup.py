@@ -15,6 +15,7 @@ setuptools.setup(
     # generic top-level `tasks` package lands in site-packages.
     packages=setuptools.find_packages(include=["recjax", "recjax.*"]) + ["recjax.tasks"],
     package_dir={"recjax.tasks": "tasks"},
+    package_data={"recjax.bench.peers": ["recbole-requirements.txt"]},  # the peer's own pins
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
