@@ -389,15 +389,21 @@ def cmd_tiger(args) -> None:
             num_heads=args.num_heads, d_ff=args.d_ff, num_layers=args.num_layers, user_buckets=args.user_buckets)
 
 
-def cmd_bench_train(args) -> None:
+def _bench_task(args) -> str:
+  """--task, else DATASET_items of the first --dataset, else Beauty (prepared once) or synthetic."""
   from recjax.bench import pipeline as bench  # pylint: disable=g-import-not-at-top
-  from recjax.bench import train  # pylint: disable=g-import-not-at-top
   tasks = _load_tasks(args)
-  task = args.task
+  task = getattr(args, "task", None)
   if task is None:
     dataset = args.dataset[0].partition("=")[0] if args.dataset else bench.default_dataset(tasks)
     task = f"{dataset}_items"
   _provider(task)
+  return task
+
+
+def cmd_bench_train(args) -> None:
+  from recjax.bench import train  # pylint: disable=g-import-not-at-top
+  task = _bench_task(args)
   if args.budget_s <= 0 or args.eval_every_s <= 0:
     raise UsageError(f"--budget_s and --eval_every_s must be > 0, got {args.budget_s}, {args.eval_every_s}")
   train.run(task, model=args.model, budget_s=args.budget_s, eval_every_s=args.eval_every_s,
@@ -415,10 +421,7 @@ def cmd_bench_scale(args) -> None:
 def cmd_bench_all(args) -> None:
   from recjax.bench import pipeline as bench  # pylint: disable=g-import-not-at-top
   from recjax.bench import suite  # pylint: disable=g-import-not-at-top
-  tasks = _load_tasks(args)
-  dataset = args.dataset[0].partition("=")[0] if args.dataset else bench.default_dataset(tasks)
-  task = f"{dataset}_items"
-  _provider(task)
+  task = _bench_task(args)
   only = args.only.split(",") if args.only else None
   suite.run_all(pathlib.Path(args.results), task, budget_s=args.budget_s, eval_every_s=args.eval_every_s,
                 raw_beauty=bench.shared_data_dir() / "amazon-beauty", peers=not args.no_peers, only=only,
@@ -438,12 +441,7 @@ def cmd_bench_report(args) -> None:
 def cmd_bench_pipeline(args) -> None:
   import json  # pylint: disable=g-import-not-at-top
   from recjax.bench import pipeline as bench  # pylint: disable=g-import-not-at-top
-  tasks = _load_tasks(args)
-  task = args.task
-  if task is None:
-    dataset = args.dataset[0].partition("=")[0] if args.dataset else bench.default_dataset(tasks)
-    task = f"{dataset}_items"
-  _provider(task)
+  task = _bench_task(args)
   for arg in ("batch_size", "length", "steps"):
     if getattr(args, arg) < 1:
       raise UsageError(f"--{arg} must be >= 1, got {getattr(args, arg)}")
