@@ -60,6 +60,7 @@ def run(task: str, *, model: str = "sasrec", budget_s: float = 900.0, eval_every
         seed: int = 0, max_steps: int | None = None) -> list[dict]:
   from recjax.data import pipeline
   from recjax.evaluation import evaluate
+  from recjax.models import bert4rec
   from recjax.train import loop
   from recjax.train import mesh as mesh_lib
 
@@ -75,7 +76,7 @@ def run(task: str, *, model: str = "sasrec", budget_s: float = 900.0, eval_every
                                shuffle=True, seed=seed)
   test = list(evaluate.eval_batches(task, "test", net_model.eval_feature_converter(), {"items": length}, 256))
   rows = [_print({"event": "dataset", "peer": "recjax", "model": model, "task": task,
-                  "items_in_catalog": net_model.vocab_size, "test_users": int(sum(b["valid"].sum() for b in test)),
+                  "catalog_items": net_model.vocab_size - bert4rec.NUM_RESERVED, "test_users": int(sum(b["valid"].sum() for b in test)),
                   "devices": len(jax.devices()), "load_s": round(time.perf_counter() - t_start, 2)})]
 
   with jax.set_mesh(mesh):
