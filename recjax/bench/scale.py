@@ -109,11 +109,12 @@ def run(*, vocab_sizes=(12_101, 100_000, 376_000, 1_000_000), device_counts=(1, 
         device_vocab_size: int = 376_000, model: str = "bert4rec", batch_size: int = 32, steps: int = 5):
   rows = []
   for v in vocab_sizes:
-    rows.append(point(vocab_size=v, model=model, batch_size=batch_size, steps=steps))
-    print(json.dumps(dict(rows[-1], sweep="catalog")), flush=True)
+    rows.append(dict(point(vocab_size=v, model=model, batch_size=batch_size, steps=steps), sweep="catalog"))
+    print(json.dumps(rows[-1]), flush=True)
   for n in device_counts:
-    rows.append(devices_point(n, vocab_size=device_vocab_size, model=model, batch_size=batch_size, steps=steps))
-    print(json.dumps(dict(rows[-1], sweep="devices")), flush=True)
+    rows.append(dict(devices_point(n, vocab_size=device_vocab_size, model=model, batch_size=batch_size,
+                                   steps=steps), sweep="devices"))
+    print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
