@@ -42,8 +42,9 @@ def test_bench_train_rows(train_rows):
 
 def test_scale_point_shards_the_item_table():
   from recjax.bench import scale
-  one = scale.point(vocab_size=1000, batch_size=4, length=10, dim=8, steps=1)
-  two = scale.devices_point(2, vocab_size=1000, batch_size=4, length=10, dim=8, steps=1)
+  one, two = scale.run(vocab_sizes=(1000,), device_counts=(2,), device_vocab_size=1000, batch_size=4, steps=1,
+                       length=10, dim=8)
+  assert one["sweep"] == "catalog" and two["sweep"] == "devices"
   assert one["devices"] == 1 and two["devices"] == 2 and two["mesh"]["model"] == 2
   assert one["item_table_shard_rows"] == 1024 and two["item_table_shard_rows"] == 512
   assert two["arguments_mib_per_device"] < one["arguments_mib_per_device"]

@@ -106,14 +106,17 @@ def devices_point(count: int, **kwargs) -> dict:
 
 
 def run(*, vocab_sizes=(12_101, 100_000, 376_000, 1_000_000), device_counts=(1, 2, 4, 8),
-        device_vocab_size: int = 376_000, model: str = "bert4rec", batch_size: int = 32, steps: int = 5):
+        device_vocab_size: int = 376_000, model: str = "bert4rec", batch_size: int = 32, steps: int = 5,
+        **shape):
+  """Both sweeps; `shape` (length, dim) passes through to `point`."""
   rows = []
   for v in vocab_sizes:
-    rows.append(dict(point(vocab_size=v, model=model, batch_size=batch_size, steps=steps), sweep="catalog"))
+    rows.append(dict(point(vocab_size=v, model=model, batch_size=batch_size, steps=steps, **shape),
+                     sweep="catalog"))
     print(json.dumps(rows[-1]), flush=True)
   for n in device_counts:
     rows.append(dict(devices_point(n, vocab_size=device_vocab_size, model=model, batch_size=batch_size,
-                                   steps=steps), sweep="devices"))
+                                   steps=steps, **shape), sweep="devices"))
     print(json.dumps(rows[-1]), flush=True)
   return rows
 
