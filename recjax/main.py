@@ -75,12 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Generates the embedded synthetic dataset (Amazon 2018 + REGEN raw "
                      "formats), prepares both, trains Bert4Rec (gin/experiments/quickstart.gin), "
                      "evaluates it against a popularity baseline with full ranking, exports it and "
-                     "re-evaluates the export. --gin.NAME=VALUE overrides apply to every step.")
+                     "re-evaluates the export; then trains FLARE with critiques "
+                     "(gin/experiments/quickstart_flare.gin), runs the critiquing evaluation and "
+                     "shows one user's recommendations with and without a critique. --gin.NAME=VALUE "
+                     "overrides apply to every step of the first model (not to FLARE).")
   p.add_argument("--workdir", default="runs/default", help="where data, checkpoints and exports go")
   p.add_argument("--num_users", type=int, default=DEFAULT_SYNTH["num_users"])
   p.add_argument("--num_items", type=int, default=DEFAULT_SYNTH["num_items"])
   p.add_argument("--seed", type=int, default=DEFAULT_SYNTH["seed"])
   p.add_argument("--gin_file", help="experiment gin file (default experiments/quickstart.gin)")
+  p.add_argument("--flare_gin_file", default="experiments/quickstart_flare.gin",
+                 help="gin file of the FLARE-with-critiques part")
+  p.add_argument("--flare_steps", type=int, default=None,
+                 help="FLARE training steps (default: the gin file's TRAIN_STEPS); 0 skips FLARE")
+  p.add_argument("--flare_batch_size", type=int, default=None,
+                 help="FLARE batch size (default: the gin file's BATCH_SIZE)")
   p.set_defaults(func=cmd_main)
 
   p = sub.add_parser("synth", help="write a synthetic dataset in Amazon 2018 and REGEN formats",
@@ -574,9 +583,31 @@ def cmd_main(args) -> None:
   test = result["results"]["test/model"], result["results"]["test/popularity"]
   print(f"test NDCG@10: model {test[0]['ndcg@10']:.4f} vs popularity {test[1]['ndcg@10']:.4f}; "
         f"Recall@10: {test[0]['recall@10']:.4f} vs {test[1]['recall@10']:.4f}")
-  print(f"main job done in {time.time() - start:.1f}s")
   if not same:
     raise ValueError("the export did not reproduce the checkpoint's metrics")
+  if args.flare_steps != 0:
+    _main_flare(args, work)
+  print(f"main job done in {time.time() - start:.1f}s")
+
+
+def _main_flare(args, work: pathlib.Path) -> None:
+  """The main job's second part: FLARE trained on the precise / broad / none critique
+  mixture, the critiquing evaluation, and one user's top items with and without a critique."""
+  from recjax import gin_cli
+  args.gin_file, args.exported = [args.flare_gin_file], None
+  bindings = [f"MODEL_DIR = {str(work / 'flare')!r}", f"EXPORT_DIR = {str(work / 'flare' / 'export')!r}"]
+  if args.flare_steps is not None:
+    bindings.append(f"TRAIN_STEPS = {args.flare_steps}")
+  if args.flare_batch_size is not None:
+    bindings.append(f"BATCH_SIZE = {args.flare_batch_size}")
+  print(f"\ntraining FLARE with critiques: {args.flare_gin_file}")
+  gin_cli.run_entrypoint("train", args, bindings)
+  print("\ncritiquing evaluation: the target's own category path (precise: 4 levels, broad: 2) "
+        "or none at the [MASK]")
+  gin_cli.run_entrypoint("critique", args, bindings)
+  # The first test user, whatever its recommendations: a sample, not a showcase.
+  print()
+  gin_cli.run_entrypoint("infer", args, [*bindings, "infer_lib.infer.user = 0", "infer_lib.infer.top_k = 5"])
 
 
 def main(argv=None) -> int:

@@ -176,6 +176,51 @@ def test_clear_errors(task):
     next(iterator(name, batch_size=4096, epochs_per_chunk=1))
 
 
+def _rows(batches):
+  """Each packed row as a hashable tuple of its (inputs, targets, segment_ids)."""
+  return [tuple(map(bytes, (b["inputs"][i], b["targets"][i], b["segment_ids"][i])))
+          for b in batches for i in range(len(b["inputs"]))]
+
+
+def test_epoch_invariant_converter_reuses_epoch_0_rows(task):
+  name, seqs = task
+  next_item = lambda **kw: iterator(name, feature_converter=converters.NextItemPackingConverter(), **kw)
+  it = next_item(num_epochs=3)
+  batches, states = [], [it.state()]
+  for batch in it:
+    batches.append(batch)
+    states.append(json.loads(json.dumps(it.state())))
+  # The state after a batch names that batch's epoch.
+  epochs = [[b for b, s in zip(batches, states[1:]) if s["epoch"] == e] for e in range(3)]
+  assert all(len(e) >= 5 for e in epochs) and states[-1]["reuse_rows"] is True
+  # Epoch 0 is tf.data's; later epochs serve whole batches of its rows (its partial last
+  # batch included) in a new order each epoch, each row at most once.
+  all_rows = set(_rows(epochs[0])) | set(_rows(epochs[1])) | set(_rows(epochs[2]))
+  tokens = np.concatenate([np.frombuffer(r[1], np.int32) for r in all_rows])
+  tokens = tokens[tokens > 0]
+  assert len(tokens) == len(np.unique(tokens)) == sum(min(len(s), L) - 1 for s in seqs if len(s) > 1)
+  for e in (1, 2):
+    rows = _rows(epochs[e])
+    assert len(rows) == len(set(rows)) >= len(_rows(epochs[0]))
+  assert _rows(epochs[1]) != _rows(epochs[2])
+  # Resuming anywhere (mid epoch 0, mid epoch 1, at an epoch end) gives the same batches.
+  per_epoch = len(epochs[0])
+  for k in (3, per_epoch + 2, 2 * per_epoch, len(batches) - 2):
+    fresh = next_item(num_epochs=3)
+    fresh.restore(states[k])
+    assert_same(list(fresh), batches[k:])
+  # reuse_rows=False converts every epoch again: other packings, and a state that
+  # cannot resume the reusing stream.
+  plain = next_item(num_epochs=2, reuse_rows=False)
+  again = list(plain)
+  assert_same(again[:per_epoch], epochs[0][:per_epoch])
+  assert not set(_rows(again[per_epoch:])) <= set(_rows(epochs[0]))
+  with pytest.raises(ValueError, match="configured differently"):
+    next_item(num_epochs=3, reuse_rows=False).restore(states[3])
+  # A masking converter is never reused.
+  assert "reuse_rows" not in iterator(name).state()
+
+
 def test_to_global(stream):
   batch = stream[0][0]
   mesh = jax.make_mesh((jax.device_count(),), ("data",))

@@ -105,9 +105,17 @@ def test_missing_binding_is_one_sentence(tsyn):
 
 def test_main_job_tiny(tmp_path):
   out = recjax("main", "--workdir", tmp_path, "--num_users", 300, "--num_items", 120,
-               "--gin.TRAIN_STEPS=40", "--gin.BATCH_SIZE=16", timeout=900)
+               "--gin.TRAIN_STEPS=40", "--gin.BATCH_SIZE=16", "--flare_steps", 30, "--flare_batch_size", 16,
+               timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "metrics identical" in out.stdout
+  # The FLARE part: trained on the critique mixture, critiquing evaluated, one user shown.
+  crit = json.loads((tmp_path / "flare" / "critique_step_30.json").read_text())
+  assert set(crit["in_sequence"]) == {"precise", "broad", "none"}
+  assert crit["in_sequence"]["precise"]["count"] > 200
+  assert "out-of-sequence critiques" in out.stdout and "Cat-nDCG@10" in out.stdout
+  assert "user 0 (test split)" in out.stdout and "top 5 with critique" in out.stdout
+  assert "flare.Flare" in (tmp_path / "flare" / "config.gin").read_text()
   result = json.loads((tmp_path / "model" / "eval_step_40.json").read_text())
   assert result["results"]["test/model"]["count"] == result["results"]["test/popularity"]["count"] > 200
   assert (tmp_path / "model" / "tensorboard").is_dir()

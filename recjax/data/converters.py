@@ -417,6 +417,9 @@ class NextItemPackingConverter(_ItemSequenceConverter):
   """
 
   MODEL_FEATURES = ItemSequencePackingConverter.MODEL_FEATURES
+  # Same input order -> same rows: recjax.data.pipeline may pack one epoch and reshuffle
+  # its rows for the next ones instead of converting again.
+  epoch_invariant = True
 
   def __init__(self, pack: bool = True, window: int = 1024, example_id_key: str = "example_id"):
     super().__init__(pack=pack, window=window, example_id_key=example_id_key)

@@ -158,22 +158,29 @@ class Bert4Rec:
     hidden = self.hidden(net, batch, deterministic=deterministic, rngs=rngs)
     return self.cloze_loss(net, hidden, batch)
 
-  def cloze_loss(self, net: Bert4RecNetwork, hidden, batch):
-    """(loss, metrics) of the cloze objective given the hidden states [B, L, D]."""
+  def gather_targets(self, net: Bert4RecNetwork, hidden, batch):
+    """(queries [C, D], targets [C], weights [C]) of the loss positions, gathered into a
+    fixed capacity C; slots past the batch's targets have weight 0."""
     weights = batch["weights"].reshape(-1)
     n = weights.shape[0]
     capacity = min(n, math.ceil(n * self.max_predictions_fraction) + 8)
     (index,) = jnp.nonzero(weights > 0, size=capacity, fill_value=0)
     valid = (jnp.arange(capacity) < jnp.sum(weights > 0)).astype(jnp.float32)
-    w = weights[index] * valid
-    queries = net.query(hidden.reshape(n, -1)[index])
+    return net.query(hidden.reshape(n, -1)[index]), batch["targets"].reshape(-1)[index], weights[index] * valid
+
+  def cloze_loss(self, net: Bert4RecNetwork, hidden, batch):
+    """(loss, metrics) of the cloze objective given the hidden states [B, L, D]."""
+    queries, targets, w = self.gather_targets(net, hidden, batch)
     logits = self.score_logits(net, queries)
-    targets = batch["targets"].reshape(-1)[index]
     logz = jax.nn.logsumexp(logits, axis=-1)
     nll = logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    denom = jnp.maximum(jnp.sum(w), 1.0)
-    loss = jnp.sum(nll * w) / denom
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return self.loss_and_metrics(nll, correct, w, batch)
+
+  def loss_and_metrics(self, nll, correct, w, batch):
+    """The mean loss over the batch's targets, and the float32 sums the trainer logs."""
+    weights = batch["weights"]
+    loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
     metrics = {
         "loss_sum": jnp.sum(nll * w),
         "targets": jnp.sum(w),

@@ -232,8 +232,7 @@ def _restore_data(data, saved: dict) -> None:
   data.restore(states[jax.process_index()])
 
 
-def _summarize(window: list[dict], elapsed: float, steps: int) -> dict[str, float]:
-  fetched = jax.device_get(window)
+def _summarize(fetched: list[dict], elapsed: float, steps: int) -> dict[str, float]:
   total = {k: float(np.sum([m[k] for m in fetched])) for k in fetched[0]}
   last = fetched[-1]
   targets = max(total["targets"], 1.0)
@@ -252,9 +251,13 @@ def _summarize(window: list[dict], elapsed: float, steps: int) -> dict[str, floa
   }
 
 
-def _checked(window, elapsed, step, checkpointer) -> dict[str, float]:
-  """Summarizes the window; a NaN/Inf loss stops the run, keeping the last good checkpoint."""
-  summary = _summarize(window, elapsed, len(window))
+def _checked(window, t0: float, step, checkpointer) -> dict[str, float]:
+  """Summarizes the window; a NaN/Inf loss stops the run, keeping the last good checkpoint.
+
+  The clock is read after the window's metrics arrive: steps dispatch asynchronously, so
+  the host reaches a log step well before the device finishes the steps before it."""
+  fetched = jax.device_get(window)
+  summary = _summarize(fetched, time.time() - t0, len(window))
   if not math.isfinite(summary["loss"]):
     checkpointer.wait()
     latest = checkpointer.latest_step()
@@ -317,7 +320,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
         step += 1
         at_log = step % log_every == 0 or step == end
         if at_log:
-          summary = _checked(window, time.time() - t0, step, checkpointer)
+          summary = _checked(window, t0, step, checkpointer)
           writer.write_scalars(step, summary)
           bar.update(step - bar.n)
           bar.set_postfix(loss=f"{summary['loss']:.4f}", items_s=f"{summary['items_per_sec']:.0f}")
@@ -326,7 +329,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
         # log steps (a collective), so every process saves the same step.
         if (jax.process_count() == 1 and preemption.requested) or (at_log and preemption.any_process()):
           if window:
-            _checked(window, time.time() - t0, step, checkpointer)
+            _checked(window, t0, step, checkpointer)
           checkpointer.save(step, state, _data_checkpoint(data), config, force=True)
           checkpointer.close()
           log.warning("SIGTERM: saved checkpoint at step %d; exiting", step)
@@ -335,7 +338,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
           return dict(last_metrics, step=step, preempted=True)
         if step % checkpoint_every == 0 or step == end:
           if window:  # never checkpoint a state whose loss was not checked
-            _checked(window, time.time() - t0, step, checkpointer)
+            _checked(window, t0, step, checkpointer)
           checkpointer.save(step, state, _data_checkpoint(data), config, force=True)
     bar.close()
     checkpointer.close()
