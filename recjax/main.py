@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--dim", type=int, default=64)
   q.add_argument("--dropout", type=float, default=0.3)
   q.add_argument("--learning_rate", type=float, default=1e-3)
+  q.add_argument("--num_negatives", type=int, default=0,
+                 help="SASRec: sampled softmax over this many shared uniform negatives (0 = full catalog)")
   q.add_argument("--peak_gflops", type=float, default=125.0,
                  help="the machine's float32 matmul peak, for model-FLOPs utilisation")
   q.set_defaults(func=cmd_bench_train)
@@ -417,7 +419,8 @@ def cmd_bench_train(args) -> None:
     raise UsageError(f"--budget_s and --eval_every_s must be > 0, got {args.budget_s}, {args.eval_every_s}")
   train.run(task, model=args.model, budget_s=args.budget_s, eval_every_s=args.eval_every_s,
             batch_size=args.batch_size, length=args.length, dim=args.dim, dropout=args.dropout,
-            learning_rate=args.learning_rate, peak_gflops=args.peak_gflops, max_steps=args.max_steps)
+            learning_rate=args.learning_rate, peak_gflops=args.peak_gflops, max_steps=args.max_steps,
+            num_negatives=args.num_negatives)
 
 
 def cmd_bench_scale(args) -> None:

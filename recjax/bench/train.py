@@ -28,13 +28,18 @@ import numpy as np
 MODELS = ("sasrec", "bert4rec")
 
 
-def _model(name: str, vocab_size: int, length: int, dim: int, dropout: float):
+def _model(name: str, vocab_size: int, length: int, dim: int, dropout: float, num_negatives: int = 0):
   from recjax.models import bert4rec, sasrec
   cls = {"sasrec": sasrec.SASRec, "bert4rec": bert4rec.Bert4Rec}.get(name)
   if cls is None:
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+  extra = {}
+  if num_negatives:
+    if cls is not sasrec.SASRec:
+      raise ValueError("num_negatives (sampled softmax) is a SASRec option")
+    extra["num_negatives"] = num_negatives
   return cls(vocab_size=vocab_size, max_length=length, dim=dim, num_layers=2, num_heads=2,
-             mlp_dim=4 * dim, dropout=dropout, attention_dropout=dropout)
+             mlp_dim=4 * dim, dropout=dropout, attention_dropout=dropout, **extra)
 
 
 def _test_metrics(net_model, trainer, params, batches) -> dict:
@@ -57,7 +62,7 @@ def _print(row: dict) -> dict:
 def run(task: str, *, model: str = "sasrec", budget_s: float = 900.0, eval_every_s: float = 150.0,
         batch_size: int = 128, length: int = 50, dim: int = 64, dropout: float = 0.3,
         learning_rate: float = 1e-3, warmup_steps: int = 100, peak_gflops: float = 125.0,
-        seed: int = 0, max_steps: int | None = None) -> list[dict]:
+        seed: int = 0, max_steps: int | None = None, num_negatives: int = 0) -> list[dict]:
   from recjax.data import pipeline
   from recjax.evaluation import evaluate
   from recjax.models import bert4rec
@@ -65,7 +70,7 @@ def run(task: str, *, model: str = "sasrec", budget_s: float = 900.0, eval_every
   from recjax.train import mesh as mesh_lib
 
   t_start = time.perf_counter()
-  net_model = _model(model, loop.item_vocab_size(task), length, dim, dropout)
+  net_model = _model(model, loop.item_vocab_size(task), length, dim, dropout, num_negatives)
   mesh = mesh_lib.create_mesh()
   optimizer = lambda total: loop.make_optimizer(total, learning_rate=learning_rate, warmup_steps=warmup_steps,
                                                 schedule="constant", weight_decay=0.01)
@@ -95,7 +100,8 @@ def run(task: str, *, model: str = "sasrec", budget_s: float = 900.0, eval_every
     alone_s = (time.perf_counter() - t) / n_probe
     flops = _step_flops(trainer, state, probe)
     items = float((first["segment_ids"] > 0).sum())
-    rows.append(_print({"event": "step_alone", "peer": "recjax", "model": model, "step_s": round(alone_s, 4),
+    rows.append(_print({"event": "step_alone", "peer": "recjax", "model": model, "num_negatives": num_negatives,
+                        "step_s": round(alone_s, 4),
                         "items_per_step": items, "items_per_s": round(items / alone_s, 1),
                         "gflop_per_step": None if flops is None else round(flops / 1e9, 2),
                         "mfu": None if flops is None else round(flops / alone_s / (peak_gflops * 1e9), 4),
@@ -131,7 +137,7 @@ def run(task: str, *, model: str = "sasrec", budget_s: float = 900.0, eval_every
           "items_per_s": round(n_items / train_s, 1), "targets_per_s": round(targets / train_s, 1),
           "step_s": round(loop_step_s, 4), "input_wait_fraction": round(max(0.0, 1 - alone_s / loop_step_s), 4),
           "test": metrics, "batch_size": batch_size, "dim": dim, "dropout": dropout,
-          "learning_rate": learning_rate, "versions": {"jax": jax.__version__}}))
+          "learning_rate": learning_rate, "num_negatives": num_negatives, "versions": {"jax": jax.__version__}}))
       if train_s >= budget_s or (max_steps is not None and steps >= max_steps):
         return rows
       next_eval = min(next_eval + eval_every_s, budget_s)
