@@ -78,3 +78,19 @@ def test_normalize_by_mean_norm():
   assert np.isclose(np.linalg.norm(out[:2], axis=1).mean(), 1.0)
   with pytest.raises(ValueError):
     wals.normalize_by_mean_norm(np.zeros((2, 2)))
+
+
+def test_wals_on_the_default_synthetic_dataset_beats_popularity(tmp_path):
+  # The main job's dataset (3,000 users x 800 items); the 300-user fixture is too small
+  # for any collaborative model to beat popularity.
+  from recjax.data import prepare, synthetic
+  synthetic.write_synthetic(tmp_path / "raw", num_users=3000, num_items=800, seed=0, formats=("amazon2018",))
+  data = tmp_path / "prepared"
+  prepare.prepare("amazon2018", tmp_path / "raw" / "amazon2018" / "Synthetic.json.gz", data,
+                  options=prepare.PrepareOptions(kcore=5))
+  users, items, num_users, vocab = wals.train_interactions(data)
+  model = wals.fit(users, items, num_users=num_users, num_items=vocab, config=wals.WALSConfig(dim=16, sweeps=6))
+  assert model.item_factors.shape == (vocab, 16)
+  result = wals.evaluate(model, data, split="test")
+  assert result["wals"]["count"] == result["popularity"]["count"] == num_users
+  assert result["wals"]["ndcg@10"] > 1.5 * result["popularity"]["ndcg@10"], result

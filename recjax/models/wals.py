@@ -37,8 +37,8 @@ class WALSConfig:
   dim: int = 64
   sweeps: int = 15  # alternations (user half + item half)
   cg_steps: int = 3  # conjugate-gradient iterations per half, warm-started
-  l2: float = 0.1  # lam
-  unobserved_weight: float = 0.1  # w0
+  l2: float = 1.0  # lam
+  unobserved_weight: float = 1.0  # w0
   alpha: float = 10.0  # c_ui = 1 + alpha * count_ui for observed pairs
   init_scale: float = 0.1
   seed: int = 0
@@ -166,3 +166,36 @@ def normalize_by_mean_norm(vectors: np.ndarray, rows=None) -> np.ndarray:
   if mean <= 0:
     raise ValueError("cannot normalise all-zero vectors")
   return v / mean
+
+
+def evaluate(model: WALSModel, data_dir, *, split: str = "test", k: int = 10, chunk: int = 2048) -> dict:
+  """Full-catalog HR@k / NDCG@k of the held-out item of `split` (test: the last item,
+  validation: the one before), each user's earlier items excluded, next to popularity.
+  The factors come from the training part (`train_interactions`) either way."""
+  from recjax.data.prepared import PreparedDataset
+  if split not in ("test", "validation"):
+    raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+  ds = PreparedDataset(data_dir)
+  table = ds.sequences(["user_id", "items"]).to_pydict()
+  cut = -1 if split == "test" else -2
+  users = np.asarray(table["user_id"])
+  targets = np.asarray([seq[cut] for seq in table["items"]])
+  histories = [seq[:cut] for seq in table["items"]]
+  train_users, train_items, _, vocab = train_interactions(data_dir)
+  popularity = np.bincount(train_items, minlength=vocab).astype(np.float32)
+  out = {}
+  for name, score_fn in (("wals", lambda rows: model.user_factors[users[rows]] @ model.item_factors.T),
+                         ("popularity", lambda rows: np.broadcast_to(popularity, (len(rows), vocab)).copy())):
+    hits, ndcg = 0.0, 0.0
+    for start in range(0, len(users), chunk):
+      rows = np.arange(start, min(start + chunk, len(users)))
+      s = score_fn(rows)
+      s[:, :2] = -np.inf  # PAD, MASK
+      for j, r in enumerate(rows):
+        s[j, histories[r]] = -np.inf
+      target_score = s[np.arange(len(rows)), targets[rows]]
+      rank = (s >= target_score[:, None]).sum(1) - 1  # pessimistic ties, as recjax.evaluation
+      hits += float((rank < k).sum())
+      ndcg += float(np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0).sum())
+    out[name] = {f"hr@{k}": hits / len(users), f"ndcg@{k}": ndcg / len(users), "count": len(users)}
+  return out
