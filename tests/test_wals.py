@@ -94,3 +94,24 @@ def test_wals_on_the_default_synthetic_dataset_beats_popularity(tmp_path):
   result = wals.evaluate(model, data, split="test")
   assert result["wals"]["count"] == result["popularity"]["count"] == num_users
   assert result["wals"]["ndcg@10"] > 1.5 * result["popularity"]["ndcg@10"], result
+
+
+def test_wals_command_saves_vectors_and_reports_both_splits(synthetic_prepared):
+  import json
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  data = synthetic_prepared["synthetic"]
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-m", "recjax.main", "wals", "--data", str(data), "--dim", "8",
+                        "--sweeps", "3", "--name", "w8"], capture_output=True, text=True, cwd=repo,
+                       env=dict(os.environ), timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  row = json.loads(out.stdout.strip().splitlines()[-1])
+  assert row["validation"]["wals"]["count"] == row["test"]["popularity"]["count"] > 200
+  saved = np.load(data / "embeddings" / "w8.npz")
+  assert saved["item_factors"].shape[1] == 8 and saved["user_factors"].shape[0] == row["users"]
+  bad = subprocess.run([sys.executable, "-m", "recjax.main", "wals", "--data", str(data), "--dim", "0"],
+                       capture_output=True, text=True, cwd=repo, env=dict(os.environ), timeout=300)
+  assert bad.returncode == 2 and "--dim must be >= 1" in bad.stderr
