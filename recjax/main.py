@@ -153,7 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
                  help="flare*: also times encoding the batch's item texts with the frozen encoder, "
                  "i.e. what the step would cost without the token-state cache")
   q.add_argument("--padded", action="store_true", help="one sequence per row instead of packed rows")
+  q.add_argument("--project_tables", default="auto", choices=["auto", "always", "never"],
+                 help="flare: project text tables once per step, or gather token states per position")
   q.set_defaults(func=cmd_bench_step)
+  q = bench_sub.add_parser("loop", help="what the input pipeline costs the training loop (A/B)",
+                           description="Times the jitted step alone, in the loop with epoch-0 rows "
+                           "reused, and in the loop converting every epoch, interleaved in rounds; one "
+                           "JSON line per mode.")
+  _add_dataset_arg(q)
+  q.add_argument("--task", default="beauty_items", help="an item-sequence task")
+  q.add_argument("--model", default="sasrec", choices=["sasrec", "bert4rec"])
+  q.add_argument("--batch_size", type=int, default=128)
+  q.add_argument("--length", type=int, default=50)
+  q.add_argument("--steps", type=int, default=25, help="steps per mode per round")
+  q.add_argument("--rounds", type=int, default=4)
+  q.set_defaults(func=cmd_bench_loop)
   q = bench_sub.add_parser("train", help="train under a wall-clock budget, evaluating the test split as it goes",
                            description="Trains SASRec or Bert4Rec (2 layers, 2 heads, --dim) for --budget_s "
                            "seconds of training (evaluation pauses the clock), evaluating full-ranking "
@@ -391,7 +405,17 @@ def cmd_bench_step(args) -> None:
   _load_tasks(args)
   _provider(args.task)
   step.run(args.task, batch_size=args.batch_size, length=args.length, steps=args.steps, dim=args.dim,
-           model=args.model, pack=not args.padded)
+           model=args.model, pack=not args.padded, project_tables=args.project_tables)
+
+
+def cmd_bench_loop(args) -> None:
+  from recjax.bench import loop as loop_bench  # pylint: disable=g-import-not-at-top
+  _load_tasks(args)
+  _provider(args.task)
+  if args.steps < 1 or args.rounds < 1:
+    raise UsageError(f"--steps and --rounds must be >= 1, got {args.steps}, {args.rounds}")
+  loop_bench.run(args.task, model=args.model, batch_size=args.batch_size, length=args.length,
+                 steps=args.steps, rounds=args.rounds)
 
 
 def cmd_tiger(args) -> None:

@@ -40,6 +40,18 @@ def test_bench_train_rows(train_rows):
   assert 0 <= m["ndcg@10"] <= m["hr@10"] <= m["hr@20"] <= 1 and 0 < m["mrr"] <= 1
 
 
+def test_bench_loop_rows(synthetic_prepared):
+  cmd = [sys.executable, "-m", "recjax.main", "bench", "loop", "--dataset", f"tsyn={synthetic_prepared['synthetic']}",
+         "--task", "tsyn_items", "--batch_size", "8", "--length", "20", "--steps", "2", "--rounds", "2"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ))
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = {r["mode"]: r for r in _json_lines(out.stdout)}
+  assert set(rows) == {"alone", "reuse", "convert"}  # SASRec's converter is epoch-invariant
+  for r in rows.values():
+    assert r["steps"] == 4 and r["step_s"] > 0 and 0 <= r["blocked_in_next_fraction"] < 1
+  assert rows["alone"]["overhead_vs_alone"] == 0 and rows["alone"]["blocked_in_next_fraction"] == 0
+
+
 def test_scale_point_shards_the_item_table():
   from recjax.bench import scale
   one, two = scale.run(vocab_sizes=(1000,), device_counts=(2,), device_vocab_size=1000, batch_size=4, steps=1,

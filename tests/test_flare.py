@@ -60,6 +60,47 @@ def test_folded_perceiver_matches_materialised_keys(shared):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("mode", ["always", "never", "auto"])
+def test_rows_parts_projected_or_gathered_match_the_textbook_form(mode):
+  """Tables gathered by id (item text, critiques): projecting the table through the folded
+  keys / values and gathering the result is the same computation as gathering states."""
+  rngs = nnx.Rngs(0)
+  layer = flare.PerceiverLayer(16, 12, 2, rngs=rngs, dtype=jnp.float32, dropout=0.0)
+  layer.value_bias[...] = jax.random.normal(jax.random.key(5), layer.value_bias[...].shape)
+  ks = jax.random.split(jax.random.key(2), 8)
+  b, l, n = 2, 3, 4
+  table = jax.random.normal(ks[0], (9, 5, 12))
+  ids = jax.random.randint(ks[1], (b, l), 0, 9)
+  mask = jax.random.uniform(ks[2], (b, l, 5)) > 0.3
+  crit_table = jax.random.normal(ks[3], (4, 3, 12))
+  crit_ids = jax.random.randint(ks[4], (b, l), 0, 4)
+  crit_mask = jax.random.uniform(ks[5], (b, l, 3)) > 0.4
+  types = jax.random.normal(ks[6], (2, 12))
+  latents = jax.random.normal(ks[7], (n, 16))
+  rows = [(flare.Rows(table, ids), mask, types[0]), (flare.Rows(crit_table, crit_ids), crit_mask, types[1])]
+  dense = [(table[ids], mask, types[0]), (crit_table[crit_ids], crit_mask, types[1])]
+  got = layer(latents, rows, deterministic=True, project_tables=mode)
+  want = naive_cross_attention(layer, latents, dense)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  with pytest.raises(ValueError, match="project_tables"):
+    layer(latents, rows, deterministic=True, project_tables="sometimes")
+
+
+def test_projected_tables_train_like_gathered_ones():
+  model, batch = _model_and_batch()
+  grads = {}
+  for mode in ("always", "never"):
+    m = flare.Flare(**{**model.__dict__, "project_tables": mode})
+    net = m.network(nnx.Rngs(0))
+    graphdef, params = nnx.split(net, nnx.Param)
+    loss_fn = lambda p: m.loss_fn(nnx.merge(graphdef, p), batch, None)[0]
+    grads[mode] = jax.value_and_grad(loss_fn)(params)
+  (la, ga), (lb, gb) = grads["always"], grads["never"]
+  np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+
+
 def _model_and_batch(use_perceiver=True, alpha=0.5, with_critiques=True):
   model = flare.Flare(vocab_size=40, max_length=8, dim=16, num_layers=1, num_heads=2, mlp_dim=32,
                       text_dim=12, use_perceiver=use_perceiver, alpha=alpha, num_latents=3,

@@ -17,7 +17,7 @@ import numpy as np
 MODELS = ("bert4rec", "sasrec", "flare", "flare_pooled", "flare_id")
 
 
-def build_model(name: str, vocab_size: int, length: int, dim: int):
+def build_model(name: str, vocab_size: int, length: int, dim: int, project_tables: str = "auto"):
   from recjax.models import bert4rec, flare, sasrec
   if name in ("bert4rec", "sasrec"):
     cls = bert4rec.Bert4Rec if name == "bert4rec" else sasrec.SASRec
@@ -25,7 +25,7 @@ def build_model(name: str, vocab_size: int, length: int, dim: int):
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
   return flare.Flare(vocab_size=vocab_size, max_length=length, dim=dim, use_text=name != "flare_id",
-                     use_perceiver=name != "flare_pooled")
+                     use_perceiver=name != "flare_pooled", project_tables=project_tables)
 
 
 def _time(fn, batches) -> float:
@@ -39,11 +39,11 @@ def _time(fn, batches) -> float:
 
 
 def run(task: str, *, batch_size: int = 128, length: int = 50, steps: int = 20, dim: int = 64,
-        model: str = "bert4rec", pack: bool = True) -> dict:
+        model: str = "bert4rec", pack: bool = True, project_tables: str = "auto") -> dict:
   from recjax.data import pipeline
   from recjax.train import loop
   from recjax.train import mesh as mesh_lib
-  net_model = build_model(model, loop.item_vocab_size(task), length, dim)
+  net_model = build_model(model, loop.item_vocab_size(task), length, dim, project_tables)
   frozen = loop.frozen_inputs(net_model, task)
   mesh = mesh_lib.create_mesh()
   trainer = loop.Trainer(net_model, mesh, mesh_lib.DEFAULT_RULES, total_steps=steps, frozen_inputs=frozen)
@@ -70,6 +70,7 @@ def run(task: str, *, batch_size: int = 128, length: int = 50, steps: int = 20, 
          "step_items_per_s": round(items / step_s, 1), "pipeline_items_per_s": round(items / data_s, 1),
          "packing_efficiency": round(items / batches[0]["segment_ids"].size, 4)}
   if frozen:
+    out["project_tables"] = project_tables
     out.update(_encode_in_step(net_model, task, batches[:4]))
     out["in_step_over_cached"] = round((step_s + out["encode_s_per_batch"]) / step_s, 2)
   print(json.dumps(out))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,26 @@ from recjax.models import bert4rec
 from recjax.models import layers
 
 MASK_ID = bert4rec.MASK_ID
+
+
+class Rows(typing.NamedTuple):
+  """Token states gathered by id: table [V, T, Dt], ids [B, L] -> [B, L, T, Dt]."""
+
+  table: jax.Array
+  ids: jax.Array
+
+  def gather(self, dtype):
+    return self.table[self.ids].astype(dtype)
+
+
+def _project_rows(part: Rows, positions: int, mode: str) -> bool:
+  """Whether to project the whole table through the folded keys / values and gather the
+  (much narrower) results, instead of gathering [B, L, T, Dt] states: worth it when the
+  table has no more rows than the batch has positions (small catalogues, critique tables,
+  evaluation batches), where the gathered states would be the largest tensor of the step."""
+  if mode not in ("auto", "always", "never"):
+    raise ValueError(f"project_tables must be 'auto', 'always' or 'never', got {mode!r}")
+  return mode == "always" or (mode == "auto" and part.table.shape[0] <= positions)
 
 
 class PerceiverLayer(nnx.Module):
@@ -66,15 +87,18 @@ class PerceiverLayer(nnx.Module):
     self.mlp = layers.MLP(dim, 2 * dim, rngs=rngs, dtype=dtype, dropout=dropout)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, latents, parts, *, deterministic: bool, rngs=None):
+  def __call__(self, latents, parts, *, deterministic: bool, rngs=None, project_tables: str = "auto"):
     """Latents attend to the tokens of all `parts` together (one softmax).
 
     latents: [n, Dp] (the learned latents, the same at every position) or [B, L, n, Dp].
-    parts: a list of (states, mask, theta): states [B, L, T, Dt] frozen token states, or
-      [T, Dt] tokens shared by every position; mask [B, L, T] (False = absent); theta [Dt]
-      the part's type embedding, added to each of its tokens. The sum states + theta is
-      never formed: theta's logit term is q.W_k.theta and its value term is the
-      attention mass on the part times theta.W_v.
+    parts: a list of (states, mask, theta): states [B, L, T, Dt] frozen token states,
+      [T, Dt] tokens shared by every position, or `Rows(table, ids)` (gathered by id);
+      mask [B, L, T] (False = absent); theta [Dt] the part's type embedding, added to each
+      of its tokens. The sum states + theta is never formed: theta's logit term is
+      q.W_k.theta and its value term is the attention mass on the part times theta.W_v.
+    project_tables: for `Rows` parts under shared latents, "auto" / "always" / "never"
+      compute table.(W_k q) [V, h, n, T] and table.W_v [V, T, h, hd] once and gather those
+      (see `_project_rows`); exact either way.
     Returns [B, L, n, Dp].
     """
     h, hd, dt = self.num_heads, self.head_dim, self.dtype
@@ -84,9 +108,24 @@ class PerceiverLayer(nnx.Module):
     wv = self.value[...].astype(dt).reshape(-1, h, hd)
     # Fold W_k into the queries: [h, n, Dt] (shared latents) or [B, L, h, n, Dt].
     qk = jnp.einsum("...nhd,Dhd->...hnD", q, wk)
+    # Rows parts: projected tables (values kept per part) or gathered states.
+    projected = {}
+    resolved = []
+    for i, (states, mask, theta) in enumerate(parts):
+      if isinstance(states, Rows):
+        if qk.ndim == 3 and _project_rows(states, b * l, project_tables):
+          table = states.table.astype(dt)
+          projected[i] = (jnp.einsum("vtD,hnD->vhnt", table, qk)[states.ids],
+                          jnp.einsum("vtD,Dhd->vthd", table, wv)[states.ids])
+        else:
+          states = states.gather(dt)
+      resolved.append((states, mask, theta))
+    parts = resolved
     logits = []
-    for states, mask, theta in parts:
-      if states.ndim == 2:
+    for i, (states, mask, theta) in enumerate(parts):
+      if i in projected:
+        lg = projected[i][0]
+      elif states.ndim == 2:
         lg = jnp.einsum("tD,...hnD->...hnt", states.astype(dt), qk)
       elif qk.ndim == 3:
         lg = jnp.einsum("bltD,hnD->blhnt", states, qk)
@@ -100,16 +139,18 @@ class PerceiverLayer(nnx.Module):
     # A position with no tokens at all (padding) attends to nothing and gets zeros.
     probs = jnp.where(present.any(-1, keepdims=True), jax.nn.softmax(logits, axis=-1), 0.0)
     probs = self.dropout(probs, deterministic=deterministic, rngs=rngs).astype(dt)
-    pooled, start = 0.0, 0
-    for states, _, theta in parts:
-      p = probs[..., start:start + states.shape[-2]]
-      start += states.shape[-2]
-      if states.ndim == 2:
+    pooled, attended, start = 0.0, 0.0, 0
+    for i, (states, mask, theta) in enumerate(parts):
+      p = probs[..., start:start + mask.shape[-1]]
+      start += mask.shape[-1]
+      if i in projected:  # values already through W_v
+        attended += jnp.einsum("blhnt,blthd->blnhd", p, projected[i][1])
+      elif states.ndim == 2:
         pooled += jnp.einsum("blhnt,tD->blhnD", p, states.astype(dt))
       else:
         pooled += jnp.einsum("blhnt,bltD->blhnD", p, states)
       pooled += p.sum(-1)[..., None] * theta.astype(dt)
-    attended = jnp.einsum("blhnD,Dhd->blnhd", pooled, wv)
+    attended += jnp.einsum("blhnD,Dhd->blnhd", pooled, wv)
     # The value bias, weighted by the total attention mass (0 where nothing was attended).
     attended += jnp.einsum("blhn,hd->blnhd", probs.sum(-1), self.value_bias[...].astype(dt).reshape(h, hd))
     x = latents if latents.ndim == 4 else jnp.broadcast_to(latents, (b, l, *latents.shape)).astype(dt)
@@ -121,9 +162,10 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
   """Bert4Rec plus the text/critique fusion (absent when use_text=False)."""
 
   def __init__(self, *, text_dim: int, use_text: bool, use_perceiver: bool, num_latents: int,
-               perceiver_layers: int, perceiver_heads: int, perceiver_dim: int, rngs: nnx.Rngs, **kwargs):
+               perceiver_layers: int, perceiver_heads: int, perceiver_dim: int, rngs: nnx.Rngs,
+               project_tables: str = "auto", **kwargs):
     super().__init__(rngs=rngs, **kwargs)
-    self.use_text, self.use_perceiver = use_text, use_perceiver
+    self.use_text, self.use_perceiver, self.project_tables = use_text, use_perceiver, project_tables
     if not use_text:
       return
     dim, dtype = kwargs["dim"], kwargs["dtype"]
@@ -149,15 +191,15 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
     is_mask = inputs == MASK_ID
     # Rows PAD and MASK of the item-text table are empty; a masked position sees one
     # learned token in place of its item's text.
-    text = frozen["item_text"][inputs].astype(dt)  # [B, L, T, Dt]
-    parts = [(text, frozen["item_text_mask"][inputs], self.text_types[0]),
+    parts = [(Rows(frozen["item_text"], inputs), frozen["item_text_mask"][inputs], self.text_types[0]),
              (self.text_mask_token[...][None], is_mask[..., None], self.text_types[0])]
     if critiques is not None and "critique_text" in frozen:
       crit_mask = frozen["critique_text_mask"][critiques] & (critiques > 0)[..., None]
-      parts.append((frozen["critique_text"][critiques].astype(dt), crit_mask, self.text_types[1]))
+      parts.append((Rows(frozen["critique_text"], critiques), crit_mask, self.text_types[1]))
     if not self.use_perceiver:  # ablation: mean of the (typed) token states
       total, count = 0.0, 0.0
       for states, mask, theta in parts:
+        states = states.gather(dt) if isinstance(states, Rows) else states
         w = mask.astype(dt)
         x = jnp.einsum("blt,tD->blD", w, states.astype(dt)) if states.ndim == 2 else jnp.einsum(
             "blt,bltD->blD", w, states)
@@ -166,7 +208,7 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
       return self.fuse(total / jnp.maximum(count, 1.0))
     x = self.latents[...].astype(dt)
     for layer in self.perceiver:
-      x = layer(x, parts, deterministic=deterministic, rngs=rngs)
+      x = layer(x, parts, deterministic=deterministic, rngs=rngs, project_tables=self.project_tables)
     x = self.perceiver_norm(x).astype(dt)
     return self.fuse(x.reshape(*x.shape[:2], -1))
 
@@ -190,12 +232,17 @@ class Flare(bert4rec.Bert4Rec):
   margin: float = 0.2
   contrastive_positions: int = 512  # in-batch positions sampled for the InfoNCE
   text_dim: int = 0  # set from the encoder by frozen_inputs (0 when use_text=False)
+  # Text tables no longer than the batch's positions go through the folded keys / values
+  # once per step instead of being gathered per position ("auto"); "always" / "never".
+  project_tables: str = "auto"
 
   def __post_init__(self):
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"Flare.alpha must be in [0, 1], got {self.alpha}")
     if self.temperature <= 0:
       raise ValueError(f"Flare.temperature must be positive, got {self.temperature}")
+    if self.project_tables not in ("auto", "always", "never"):
+      raise ValueError(f"Flare.project_tables must be 'auto', 'always' or 'never', got {self.project_tables!r}")
 
   def network(self, rngs: nnx.Rngs) -> FlareNetwork:
     if self.use_text and self.text_dim <= 0:
@@ -204,7 +251,7 @@ class Flare(bert4rec.Bert4Rec):
     return FlareNetwork(**self.network_kwargs(), text_dim=self.text_dim, use_text=self.use_text,
                         use_perceiver=self.use_perceiver, num_latents=self.num_latents,
                         perceiver_layers=self.perceiver_layers, perceiver_heads=self.perceiver_heads,
-                        perceiver_dim=self.perceiver_dim, rngs=rngs)
+                        perceiver_dim=self.perceiver_dim, project_tables=self.project_tables, rngs=rngs)
 
   # -- frozen text states ---------------------------------------------------------------
 
