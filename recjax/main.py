@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--results", default="runs/bench/results")
   q.add_argument("--budget_s", type=float, default=900.0, help="training seconds per trainer")
   q.add_argument("--eval_every_s", type=float, default=150.0)
-  q.add_argument("--only", help="comma-separated subset of pipeline,step,ranking,scale,train")
+  q.add_argument("--only", help="comma-separated subset of pipeline,step,loop,ranking,scale,train")
   q.add_argument("--no_peers", action="store_true", help="skip the RecBole peers (no virtualenv)")
   q.add_argument("--venv_root", default="runs/bench", help="where the RecBole virtualenv is built (once)")
   q.add_argument("--doc", default="docs/performance.md")
