@@ -59,14 +59,15 @@ class Rows(typing.NamedTuple):
     return self.table[self.ids].astype(dtype)
 
 
-def _project_rows(part: Rows, positions: int, mode: str) -> bool:
+def _project_rows(part: Rows, mode: str, max_rows: int) -> bool:
   """Whether to project the whole table through the folded keys / values and gather the
-  (much narrower) results, instead of gathering [B, L, T, Dt] states: worth it when the
-  table has no more rows than the batch has positions (small catalogues, critique tables,
-  evaluation batches), where the gathered states would be the largest tensor of the step."""
+  (much narrower) results, instead of gathering [B, L, T, Dt] states: worth it for small
+  tables (small catalogues, critique tables), whose projection costs less than moving the
+  gathered states, the largest tensor of the step. Decided on the table alone, never on
+  the batch, so training, evaluation and an export (symbolic batch) compute alike."""
   if mode not in ("auto", "always", "never"):
     raise ValueError(f"project_tables must be 'auto', 'always' or 'never', got {mode!r}")
-  return mode == "always" or (mode == "auto" and part.table.shape[0] <= positions)
+  return mode == "always" or (mode == "auto" and part.table.shape[0] <= max_rows)
 
 
 class PerceiverLayer(nnx.Module):
@@ -87,7 +88,8 @@ class PerceiverLayer(nnx.Module):
     self.mlp = layers.MLP(dim, 2 * dim, rngs=rngs, dtype=dtype, dropout=dropout)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, latents, parts, *, deterministic: bool, rngs=None, project_tables: str = "auto"):
+  def __call__(self, latents, parts, *, deterministic: bool, rngs=None, project_tables: str = "auto",
+               project_max_rows: int = 4096):
     """Latents attend to the tokens of all `parts` together (one softmax).
 
     latents: [n, Dp] (the learned latents, the same at every position) or [B, L, n, Dp].
@@ -96,9 +98,10 @@ class PerceiverLayer(nnx.Module):
       mask [B, L, T] (False = absent); theta [Dt] the part's type embedding, added to each
       of its tokens. The sum states + theta is never formed: theta's logit term is
       q.W_k.theta and its value term is the attention mass on the part times theta.W_v.
-    project_tables: for `Rows` parts under shared latents, "auto" / "always" / "never"
-      compute table.(W_k q) [V, h, n, T] and table.W_v [V, T, h, hd] once and gather those
-      (see `_project_rows`); exact either way.
+    project_tables, project_max_rows: for `Rows` parts under shared latents, "always",
+      "never", or "auto" (tables of at most project_max_rows rows) compute table.(W_k q)
+      [V, h, n, T] and table.W_v [V, T, h, hd] once and gather those (see
+      `_project_rows`); exact either way.
     Returns [B, L, n, Dp].
     """
     h, hd, dt = self.num_heads, self.head_dim, self.dtype
@@ -113,7 +116,7 @@ class PerceiverLayer(nnx.Module):
     resolved = []
     for i, (states, mask, theta) in enumerate(parts):
       if isinstance(states, Rows):
-        if qk.ndim == 3 and _project_rows(states, b * l, project_tables):
+        if qk.ndim == 3 and _project_rows(states, project_tables, project_max_rows):
           table = states.table.astype(dt)
           projected[i] = (jnp.einsum("vtD,hnD->vhnt", table, qk)[states.ids],
                           jnp.einsum("vtD,Dhd->vthd", table, wv)[states.ids])
@@ -163,9 +166,10 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
 
   def __init__(self, *, text_dim: int, use_text: bool, use_perceiver: bool, num_latents: int,
                perceiver_layers: int, perceiver_heads: int, perceiver_dim: int, rngs: nnx.Rngs,
-               project_tables: str = "auto", **kwargs):
+               project_tables: str = "auto", project_max_rows: int = 4096, **kwargs):
     super().__init__(rngs=rngs, **kwargs)
-    self.use_text, self.use_perceiver, self.project_tables = use_text, use_perceiver, project_tables
+    self.use_text, self.use_perceiver = use_text, use_perceiver
+    self.project_tables, self.project_max_rows = project_tables, project_max_rows
     if not use_text:
       return
     dim, dtype = kwargs["dim"], kwargs["dtype"]
@@ -208,7 +212,8 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
       return self.fuse(total / jnp.maximum(count, 1.0))
     x = self.latents[...].astype(dt)
     for layer in self.perceiver:
-      x = layer(x, parts, deterministic=deterministic, rngs=rngs, project_tables=self.project_tables)
+      x = layer(x, parts, deterministic=deterministic, rngs=rngs, project_tables=self.project_tables,
+                project_max_rows=self.project_max_rows)
     x = self.perceiver_norm(x).astype(dt)
     return self.fuse(x.reshape(*x.shape[:2], -1))
 
@@ -232,9 +237,10 @@ class Flare(bert4rec.Bert4Rec):
   margin: float = 0.2
   contrastive_positions: int = 512  # in-batch positions sampled for the InfoNCE
   text_dim: int = 0  # set from the encoder by frozen_inputs (0 when use_text=False)
-  # Text tables no longer than the batch's positions go through the folded keys / values
-  # once per step instead of being gathered per position ("auto"); "always" / "never".
+  # Text tables of at most project_max_rows rows go through the folded keys / values once
+  # per step instead of being gathered per position ("auto"); "always" / "never".
   project_tables: str = "auto"
+  project_max_rows: int = 4096
 
   def __post_init__(self):
     if not 0.0 <= self.alpha <= 1.0:
@@ -251,7 +257,8 @@ class Flare(bert4rec.Bert4Rec):
     return FlareNetwork(**self.network_kwargs(), text_dim=self.text_dim, use_text=self.use_text,
                         use_perceiver=self.use_perceiver, num_latents=self.num_latents,
                         perceiver_layers=self.perceiver_layers, perceiver_heads=self.perceiver_heads,
-                        perceiver_dim=self.perceiver_dim, project_tables=self.project_tables, rngs=rngs)
+                        perceiver_dim=self.perceiver_dim, project_tables=self.project_tables,
+                        project_max_rows=self.project_max_rows, rngs=rngs)
 
   # -- frozen text states ---------------------------------------------------------------
 
