@@ -206,11 +206,11 @@ def _step_section(rows: list[dict], pipeline_rows: list[dict], train_rows: list[
 def _loop_section(rows: list[dict]) -> list[str]:
   if not rows:
     return []
-  last = {r["mode"]: r for r in rows}  # the latest run of each mode
+  last = {(r["model"], r["mode"]): r for r in rows}  # the latest run of each model and mode
   lines = ["### The training loop vs the step alone (`bench loop`, interleaved rounds)", ""]
-  lines += _table(["mode", "steps", "step s", "loop wall time blocked in next()", "overhead vs the step alone"],
-                  [[m, r["steps"], r["step_s"], f"{r['blocked_in_next_fraction']:.1%}",
-                    f"{r['overhead_vs_alone']:+.1%}"] for m, r in last.items()])
+  lines += _table(["model", "mode", "steps", "step s", "loop wall time blocked in next()", "overhead vs the step alone"],
+                  [[m, mode, r["steps"], r["step_s"], f"{r['blocked_in_next_fraction']:.1%}",
+                    f"{r['overhead_vs_alone']:+.1%}"] for (m, mode), r in last.items()])
   lines += ["", "- alone: one fixed batch; reuse: epoch-0 rows permuted per epoch (epoch-invariant "
             "converters); convert: the pipeline converts every epoch.", ""]
   return lines
