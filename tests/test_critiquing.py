@@ -54,6 +54,18 @@ def test_cat_dcg_is_one_for_the_ideal_ranking():
   assert critiquing.cat_dcg(np.array([0.0, 0.0, 4.0]), 2) == 0.0  # beyond k
 
 
+def test_candidate_ideal_leaves_out_the_history():
+  r = critiquing.ranking.NUM_RESERVED
+  index = object.__new__(critiquing.CategoryIndex)  # items r.. have PATHS' categories
+  index.paths, index.vocab_size, index._counts = [()] * r + PATHS, r + len(PATHS), {}
+  path = ("a", "b", "c", "d")  # relevances of PATHS: 4, 3, 2, 1, 0, 3
+  assert index.ideal_dcg(path, 3) == pytest.approx(critiquing.cat_dcg(np.array([4, 3, 3.0])))
+  # The exact match and one 3 are in the history; reserved ids and repeats are ignored.
+  history = [0, 1, r, r + 1, r + 1]
+  assert index.ideal_dcg(path, 3, exclude=history) == pytest.approx(critiquing.cat_dcg(np.array([3, 2, 1.0])))
+  assert index.ideal_dcg(path, 10, exclude=history) == pytest.approx(critiquing.cat_dcg(np.array([3, 2, 1, 0.0])))
+
+
 def _recjax(*args, dataset, timeout=1200):
   env = dict(os.environ, RECJAX_DATA_DIR=str(pathlib.Path(dataset).parent))
   cmd = [sys.executable, "-m", "recjax.main", *map(str, args), "--dataset", f"synthetic={dataset}"]
@@ -77,7 +89,7 @@ def test_flare_with_critiques_end_to_end(synthetic_prepared, tmp_path):
   for level in ("level_4", "level_3", "level_2"):
     m = result["out_of_sequence"][level]
     assert m["count"] + m["skipped"] == counts["precise"]
-    assert 0.0 <= m["cat_ndcg@10"] <= 1.0
+    assert 0.0 <= m["cat_ndcg@10"] <= m["cat_ndcg@10_candidates"] <= 1.0
   assert "Cat-nDCG@10" in out.stdout
   out = _recjax("infer", *common, "--gin.infer_lib.infer.user=0", dataset=data)
   assert out.returncode == 0, out.stderr[-3000:]

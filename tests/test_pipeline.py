@@ -10,7 +10,7 @@ import seqio
 import tensorflow as tf
 
 from recjax.data import converters, pipeline
-from recjax.data.vocab import NUM_RESERVED, ItemVocabulary
+from recjax.data.vocab import MASK_ID, NUM_RESERVED, ItemVocabulary
 
 L = 50
 
@@ -66,9 +66,10 @@ def assert_same(a, b):
 
 @pytest.fixture(scope="module")
 def stream(task):
-  """Three epochs of batches, and the (JSON round-tripped) state before each."""
+  """Three epochs of batches, and the (JSON round-tripped) state before each, converting
+  every epoch (get_dataset's stream; reused rows are tested below)."""
   name, _ = task
-  it = iterator(name, num_epochs=3)
+  it = iterator(name, num_epochs=3, reuse_rows=False)
   batches, states = [], [it.state()]
   for batch in it:
     batches.append(batch)
@@ -87,10 +88,10 @@ def test_state_restore_gives_exactly_the_next_batches(task, stream):
   # yields the same 5, also across epoch ends (and the chunk end at epoch 2),
   # and from exactly an epoch's end.
   for k in (7, 2 * per_epoch - 2, per_epoch):
-    fresh = iterator(name, num_epochs=3)
+    fresh = iterator(name, num_epochs=3, reuse_rows=False)
     fresh.restore(states[k])
     assert_same(take(fresh, 5), batches[k:k + 5])
-  fresh = iterator(name, num_epochs=3)
+  fresh = iterator(name, num_epochs=3, reuse_rows=False)
   fresh.restore(states[-1])
   assert list(fresh) == []
 
@@ -217,8 +218,49 @@ def test_epoch_invariant_converter_reuses_epoch_0_rows(task):
   assert not set(_rows(again[per_epoch:])) <= set(_rows(epochs[0]))
   with pytest.raises(ValueError, match="configured differently"):
     next_item(num_epochs=3, reuse_rows=False).restore(states[3])
-  # A masking converter is never reused.
-  assert "reuse_rows" not in iterator(name).state()
+
+
+def _masked_tokens(batches):
+  """Per batch list -> ({target token: masked?}, set of masked tokens)."""
+  seen = {}
+  for b in batches:
+    real = b["segment_ids"] > 0
+    for tok, w in zip(b["targets"][real], b["weights"][real]):
+      assert tok not in seen  # each example at most once per epoch
+      seen[int(tok)] = bool(w)
+  return seen
+
+
+def test_cloze_converter_reuses_rows_with_the_same_masks_per_epoch(task):
+  name, seqs = task
+  reused = iterator(name, num_epochs=3)
+  assert reused.state()["reuse_rows"] is True  # auto: the masks split off the packing
+  states, batches = [reused.state()], []
+  for b in reused:
+    batches.append(b)
+    states.append(reused.state())
+  plain = list(iterator(name, num_epochs=3, reuse_rows=False))
+  by_epoch = lambda bs, st: [[b for b, s in zip(bs, st) if s["epoch"] == e] for e in range(3)]
+  per_epoch = sum(s["epoch"] == 0 for s in states[1:])
+  ours = by_epoch(batches, states[1:])
+  theirs = [plain[e * per_epoch:(e + 1) * per_epoch] for e in range(3)]
+  masks = []
+  for e in range(3):
+    a, b = _masked_tokens(ours[e]), _masked_tokens(theirs[e])
+    common = a.keys() & b.keys()
+    assert len(common) > 0.9 * len(b)
+    # numpy masks on reused rows == tf masks converted that epoch, example by example.
+    assert {t: a[t] for t in common} == {t: b[t] for t in common}
+    assert all((b["inputs"][b["weights"] > 0] == MASK_ID).all() for b in ours[e])
+    masks.append({t for t in common if a[t]})
+    for b in ours[e]:
+      np.testing.assert_array_equal(b["inputs"] == b["targets"], (b["weights"] == 0))
+  assert masks[0] != masks[1] != masks[2]  # fresh masks every epoch
+  assert set(ours[0][0]) == set(theirs[0][0])  # the same model features
+  # Resuming in epoch 1 gives the same batches (masks included).
+  fresh = iterator(name, num_epochs=3)
+  fresh.restore(states[per_epoch + 2])
+  assert_same(list(fresh), batches[per_epoch + 2:])
 
 
 def test_to_global(stream):

@@ -4,8 +4,9 @@ Three ways to run the same jitted step, interleaved in rounds so that the machin
 drift (other tenants, thermal) hits all of them alike:
 
   alone     the step on one fixed, already-placed batch: the compute-only reference
-  reuse     the loop as `recjax train` runs it past epoch 0 with an epoch-invariant
-            converter: batches permuted from the epoch-0 rows kept in memory
+  reuse     the loop as `recjax train` runs it past epoch 0: batches permuted from the
+            epoch-0 rows kept in memory (Bert4Rec: packed unmasked, masked per epoch
+            in numpy)
   convert   the same loop with the pipeline converting every epoch (`reuse_rows=False`)
 
 For each mode: seconds per step, and the fraction of the loop's wall time the host spent

@@ -24,8 +24,9 @@ Why not seqio's stock converters:
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from typing import Callable, Mapping
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -108,6 +109,62 @@ def cloze_masks(items: tf.RaggedTensor, keys: tf.Tensor, mask_prob: float, last_
   is_last = tf.equal(pos, tf.gather(items.row_lengths() - 1, rows))
   mask = tf.where(tf.gather(only_last, rows), is_last, mask)
   return items.with_flat_values(mask)
+
+
+# numpy twins of the above (same bits), for masking rows on the host: see
+# `ItemSequencePackingConverter.epoch_invariant_rows`.
+
+
+def _np_mix64(z: np.ndarray) -> np.ndarray:
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def _np_u64(x) -> np.ndarray:
+  return np.asarray(x, np.int64).view(np.uint64) if not isinstance(x, int) else np.asarray(x & (2**64 - 1), np.uint64)
+
+
+def _np_fold(key: np.ndarray, data) -> np.ndarray:
+  return _np_mix64(key ^ _np_mix64(_np_u64(data) + np.uint64(_GOLDEN)))
+
+
+def np_example_keys(seed: int, epoch, example_ids) -> np.ndarray:
+  """`example_keys` in numpy."""
+  with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+    key = _np_mix64(_np_u64(seed) + np.uint64(_GOLDEN))
+    return _np_fold(_np_fold(key, epoch), example_ids)
+
+
+def np_hash_uniform(keys: np.ndarray, counters) -> np.ndarray:
+  """`hash_uniform` in numpy."""
+  with np.errstate(over="ignore"):
+    z = _np_mix64(keys + (_np_u64(counters) + np.uint64(1)) * np.uint64(_GOLDEN))
+  return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def np_cloze_masks(segment_ids: np.ndarray, positions: np.ndarray, keys: np.ndarray, mask_prob: float,
+                   last_item_prob: float) -> np.ndarray:
+  """`cloze_masks` over packed rows: bool [rows, L].
+
+  Segments are contiguous in row-major order and start at position 0 (as
+  `pack_batch` lays them out); `keys` holds one key per segment in that order.
+  """
+  valid = segment_ids.reshape(-1) > 0
+  pos = positions.reshape(-1)[valid].astype(np.int64)
+  starts = np.flatnonzero(pos == 0)
+  seg = np.cumsum(pos == 0) - 1  # each token's segment
+  u = np_hash_uniform(keys[seg], pos + 1)
+  mask = u < mask_prob
+  any_masked = np.logical_or.reduceat(mask, starts)
+  smallest = np.minimum.reduceat(u, starts)
+  mask |= ~any_masked[seg] & (u == smallest[seg])
+  lens = np.diff(np.append(starts, pos.size))
+  only_last = np_hash_uniform(keys, 0) < last_item_prob
+  mask = np.where(only_last[seg], pos == lens[seg] - 1, mask)
+  out = np.zeros(segment_ids.size, bool)
+  out[valid] = mask
+  return out.reshape(segment_ids.shape)
 
 
 # --- packing ----------------------------------------------------------------------------
@@ -321,6 +378,10 @@ class ItemSequencePackingConverter(_ItemSequenceConverter):
   Example ids must be unique within a split (a task that cuts several windows
   from one user gives each its own id). Histories longer than L keep their most
   recent L items.
+
+  `epoch_invariant_rows()` splits the work in two for `recjax.data.pipeline`: rows
+  packed once, unmasked, and the masks of any epoch drawn on them in numpy from
+  the same keys (the same masks per example, in a different row layout).
   """
 
   MODEL_FEATURES = {
@@ -359,6 +420,7 @@ class ItemSequencePackingConverter(_ItemSequenceConverter):
     self.last_item_prob = float(last_item_prob)
     self.seed = int(seed)
     self.epoch = int(epoch)
+    self._rows_only = False
 
   def with_epoch(self, epoch: int) -> "ItemSequencePackingConverter":
     """A copy that draws the masks of `epoch`."""
@@ -367,29 +429,70 @@ class ItemSequencePackingConverter(_ItemSequenceConverter):
     return out
 
   def __repr__(self):
-    return (f"{type(self).__name__}(pack={self.pack}, mask_prob={self.mask_prob}, "
+    return (f"{type(self).__name__}{'[rows]' if self._rows_only else ''}(pack={self.pack}, mask_prob={self.mask_prob}, "
             f"last_item_prob={self.last_item_prob}, seed={self.seed}, epoch={self.epoch})")
+
+  def epoch_invariant_rows(self) -> tuple["ItemSequencePackingConverter", Callable]:
+    """(rows converter, mask_rows): what recjax.data.pipeline needs to pack once.
+
+    The rows converter packs unmasked rows: "targets", "segment_ids", "positions",
+    "critiques" when present, and int64 per-token "example_ids" and
+    "example_epochs" (an example's "epoch" feature, -1 without one).
+    `mask_rows(rows, epoch)` turns any batch of them into this converter's model
+    features for `epoch`.
+    """
+    rows = copy.copy(self)
+    rows._rows_only = True
+    return rows, self.mask_rows
+
+  def mask_rows(self, rows: Mapping[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+    """Model features of unmasked rows (see `epoch_invariant_rows`) for `epoch`."""
+    seg, pos, items = rows["segment_ids"], rows["positions"], rows["targets"]
+    starts = (seg > 0) & (pos == 0)  # each segment's first token, in row-major order
+    epochs = rows["example_epochs"][starts]
+    epochs = np.where(epochs < 0, epoch, epochs)  # an example's own "epoch" feature wins, as in _convert_batch
+    keys = np_example_keys(self.seed, epochs, rows["example_ids"][starts])
+    masked = np_cloze_masks(seg, pos, keys, self.mask_prob, self.last_item_prob)
+    out = {"inputs": np.where(masked, np.int32(MASK_ID), items), "targets": items,
+           "weights": masked.astype(np.float32), "segment_ids": seg, "positions": pos}
+    if "critiques" in rows:
+      out["critiques"] = rows["critiques"]
+    return out
 
   def _needs_example_id(self) -> bool:
     return True
 
   def _model_features(self, with_critiques, with_example_id):
     del with_example_id  # it seeds the masks; a packed row has no single example id
-    out = dict(ItemSequencePackingConverter.MODEL_FEATURES)
+    if self._rows_only:
+      out = {k: ItemSequencePackingConverter.MODEL_FEATURES[k] for k in ("targets", "segment_ids", "positions")}
+      out["example_ids"] = FeatureSpec(tf.int64)
+      out["example_epochs"] = FeatureSpec(tf.int64)
+    else:
+      out = dict(ItemSequencePackingConverter.MODEL_FEATURES)
     if with_critiques:
       out["critiques"] = FeatureSpec(tf.int32)
     return out
 
   def _convert_batch(self, batch, length):
     items = batch["items"]
-    keys = example_keys(self.seed, batch.get("epoch", self.epoch), batch[self._example_id_key])
-    masked = cloze_masks(items, keys, self.mask_prob, self.last_item_prob)
     dense = lambda x: x.to_tensor(shape=[None, length])
-    out = {
-        "inputs": dense(tf.ragged.map_flat_values(tf.where, masked, MASK_ID, items)),
-        "targets": dense(items),
-        "weights": dense(tf.ragged.map_flat_values(tf.cast, masked, tf.float32)),
-    }
+    if self._rows_only:
+      # Rows are ordered by epoch-0 keys; mask_rows draws each epoch's masks.
+      keys = example_keys(self.seed, 0, batch[self._example_id_key])
+      per_token = lambda v: dense(tf.RaggedTensor.from_row_lengths(
+          tf.repeat(v, items.row_lengths()), items.row_lengths()))
+      epochs = batch.get("epoch", tf.fill(tf.shape(keys), tf.constant(-1, tf.int64)))  # -1: mask_rows' epoch
+      out = {"targets": dense(items), "example_ids": per_token(batch[self._example_id_key]),
+             "example_epochs": per_token(epochs)}
+    else:
+      keys = example_keys(self.seed, batch.get("epoch", self.epoch), batch[self._example_id_key])
+      masked = cloze_masks(items, keys, self.mask_prob, self.last_item_prob)
+      out = {
+          "inputs": dense(tf.ragged.map_flat_values(tf.where, masked, MASK_ID, items)),
+          "targets": dense(items),
+          "weights": dense(tf.ragged.map_flat_values(tf.cast, masked, tf.float32)),
+      }
     if "critiques" in batch:
       out["critiques"] = dense(batch["critiques"])
     lens = tf.cast(items.row_lengths(), tf.int32)
@@ -417,9 +520,10 @@ class NextItemPackingConverter(_ItemSequenceConverter):
   """
 
   MODEL_FEATURES = ItemSequencePackingConverter.MODEL_FEATURES
-  # Same input order -> same rows: recjax.data.pipeline may pack one epoch and reshuffle
-  # its rows for the next ones instead of converting again.
-  epoch_invariant = True
+  def epoch_invariant_rows(self) -> tuple["NextItemPackingConverter", None]:
+    """Same input order -> same rows: recjax.data.pipeline may pack one epoch and
+    reshuffle its rows for the next ones instead of converting again."""
+    return self, None
 
   def __init__(self, pack: bool = True, window: int = 1024, example_id_key: str = "example_id"):
     super().__init__(pack=pack, window=window, example_id_key=example_id_key)

@@ -10,11 +10,13 @@ stochastic steps (masking) are fresh every epoch yet a pure function of
 (seed, epoch, example). That is what lets `DataIterator` save a two-number
 state (epoch, batches consumed) and resume on exactly the next batch.
 
-When the feature converter is epoch-invariant (no masks: SASRec's next-item packing)
-and nothing random runs after the task's cache placeholder, `DataIterator` converts
-epoch 0 once, keeps its rows in host memory, and serves every later epoch as a seeded
-permutation of those rows: no tf.data work competes with the train step after the first
-epoch (on a 2-core host the pipeline's CPU time is otherwise taken from the step).
+When the feature converter can split off an epoch-invariant part
+(`epoch_invariant_rows()`: SASRec's next-item packing entirely; Bert4Rec's packing, with
+its masks drawn per epoch on the packed rows in numpy) and nothing random runs after the
+task's cache placeholder, `DataIterator` converts epoch 0 once, keeps its rows in host
+memory, and serves every later epoch as a seeded permutation of those rows: no tf.data
+work competes with the train step after the first epoch (on a 2-core host the
+pipeline's CPU time is otherwise taken from the step).
 """
 
 from __future__ import annotations
@@ -86,8 +88,10 @@ class _Spec:
         "shard": [self.shard_info.index, self.shard_info.num_shards],
     }
 
-  def epoch_dataset(self, epoch: int, drop_remainder: bool = True) -> tf.data.Dataset:
-    """Batches of one epoch, a pure function of (this spec, epoch)."""
+  def epoch_dataset(self, epoch: int, drop_remainder: bool = True,
+                    converter: seqio.FeatureConverter | None = None) -> tf.data.Dataset:
+    """Batches of one epoch, a pure function of (this spec, epoch); `converter`
+    replaces the spec's (as is, not re-seeded per epoch)."""
     kwargs = dict(split=self.split, use_cached=self.use_cached, shuffle=self.shuffle,
                   seed=epoch_seed(self.seed, epoch), shard_info=self.shard_info, num_epochs=1,
                   trim_output_features=False)  # the converters keep the MOST RECENT items
@@ -95,17 +99,19 @@ class _Spec:
       key = getattr(self.feature_converter, "example_id_key", "example_id")
       kwargs["passthrough_features"] = sorted({*_PASSTHROUGH, key})
     ds = self.provider.get_dataset(dict(self.task_feature_lengths), **kwargs)
-    converter = self.feature_converter
-    if hasattr(converter, "with_epoch"):
-      converter = converter.with_epoch(epoch)
+    if converter is None:
+      converter = self.feature_converter
+      if hasattr(converter, "with_epoch"):
+        converter = converter.with_epoch(epoch)
     ds = converter(ds, task_feature_lengths=self.task_feature_lengths)
     return ds.batch(self.local_batch_size, drop_remainder=drop_remainder)
 
   def reusable_rows(self) -> bool:
-    """Whether every epoch's rows are a reordering of epoch 0's: an epoch-invariant
-    converter over a Task (a Mixture re-draws its sampling each epoch) whose
-    preprocessors all precede a cache placeholder (later ones may be random per epoch)."""
-    if not (self.shuffle and getattr(self.feature_converter, "epoch_invariant", False)):
+    """Whether every epoch's rows can come from epoch 0's: a converter with an
+    epoch-invariant part (`epoch_invariant_rows`) over a Task (a Mixture re-draws
+    its sampling each epoch) whose preprocessors all precede a cache placeholder
+    (later ones may be random per epoch)."""
+    if not (self.shuffle and hasattr(self.feature_converter, "epoch_invariant_rows")):
       return False
     if not isinstance(self.provider, seqio.Task):
       return False
@@ -215,6 +221,10 @@ class DataIterator:
     self._reuse = self._spec.reusable_rows() if reuse_rows is None else bool(reuse_rows)
     if self._reuse and not self._spec.shuffle:
       raise ValueError("reuse_rows needs shuffle=True: later epochs are permutations of epoch 0's rows")
+    # What epoch 0 is converted with, and what turns its rows into each epoch's batches.
+    # reuse_rows=True on a converter without the split asserts it is epoch-invariant.
+    split = getattr(self._spec.feature_converter, "epoch_invariant_rows", None)
+    self._rows_converter, self._finish = split() if (self._reuse and split) else (None, None)
     self._rows: dict[str, np.ndarray] | None = None
     self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation)
     self._recorded: list | None = None  # epoch-0 batches seen so far, when recording from its start
@@ -236,7 +246,7 @@ class DataIterator:
 
     parts = []
     for e in range(start, end):
-      ds = self._spec.epoch_dataset(e, drop_remainder=not self._reuse)
+      ds = self._spec.epoch_dataset(e, drop_remainder=not self._reuse, converter=self._rows_converter)
       if e == start and self._step:
         ds = ds.skip(self._step)
       parts.append(ds.map(tag(e)))
@@ -268,6 +278,8 @@ class DataIterator:
             self._recorded.append(batch)
           if len(next(iter(batch.values()))) < self._spec.local_batch_size:
             continue  # epoch 0's last, partial batch: kept for later epochs, not served
+          if self._finish is not None:
+            batch = self._finish(batch, 0)
       except StopIteration:
         if not self._chunk_yielded and self._step == 0:
           raise ValueError(f"epochs {self._epoch}..{self._chunk_end - 1} of {self._spec.provider.name!r} gave no "
@@ -288,7 +300,7 @@ class DataIterator:
   def _reused_batch(self) -> dict[str, np.ndarray] | None:
     """Batch `step` of epoch `epoch` (>= 1): a seeded permutation of epoch 0's rows."""
     if self._rows is None:  # resumed past epoch 0: convert it once more, serving nothing
-      ds = self._spec.epoch_dataset(0, drop_remainder=False)
+      ds = self._spec.epoch_dataset(0, drop_remainder=False, converter=self._rows_converter)
       self._rows = _concat(list(ds.as_numpy_iterator()))
     n = len(next(iter(self._rows.values()))) if self._rows else 0
     b = self._spec.local_batch_size
@@ -299,7 +311,8 @@ class DataIterator:
     if self._order is None or self._order[0] != self._epoch:
       self._order = (self._epoch, np.random.default_rng(epoch_seed(self._spec.seed, self._epoch)).permutation(n))
     take = np.sort(self._order[1][self._step * b:(self._step + 1) * b])  # sorted: cheaper gathers, same set
-    return {k: v[take] for k, v in self._rows.items()}
+    batch = {k: v[take] for k, v in self._rows.items()}
+    return batch if self._finish is None else self._finish(batch, self._epoch)
 
   # --- checkpointing -------------------------------------------------------------
 
