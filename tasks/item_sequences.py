@@ -12,6 +12,7 @@ the held-out item):
   DS_critique_none       the converter puts the target's critique at the MASK); "none"
                          has every critique id 0 (the same model without critiques)
   DS_critique_mix        mixture of the three, equal rates (one critique table)
+  DS_critique_mix_precise  the same at rates 2 : 1 : 1 (precise : broad : none)
   DS_critique_regen      family 3, REGEN: "critiques" = the user's critique that led to
                          each item (0 = none), when the dataset has a critiques column
 
@@ -90,6 +91,11 @@ def register(name: str, data_dir) -> list[str]:
     seqio.MixtureRegistry.add(mix, [f"{name}_critique_{g}" for g in (*sp.LEVELS, "none")], default_rate=1.0)
     DESCRIPTIONS[mix] = "mixture: critique_precise + critique_broad + critique_none, equal rates"
     added.append(mix)
+    # Half of the examples precise: more signal for the finest (level-4) critiques.
+    rates = {"precise": 2.0, "broad": 1.0, "none": 1.0}
+    seqio.MixtureRegistry.add(f"{mix}_precise", [(f"{name}_critique_{g}", r) for g, r in rates.items()])
+    DESCRIPTIONS[f"{mix}_precise"] = "mixture: critique_precise 2 : critique_broad 1 : critique_none 1"
+    added.append(f"{mix}_precise")
   if ds.has_field("critiques"):
     add_task("critique_regen", "REGEN critiques: the user's critique that led to each item (0 = none)",
              ("items", "critiques"), [functools.partial(sp.encode_critique_strings, data_dir=data_dir)],

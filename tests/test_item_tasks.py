@@ -62,9 +62,10 @@ def examples(name, split):
 def test_names_and_features(registered):
   _, names = registered
   # Families 1 and 3 come first; the text families follow.
-  ours = ["it_syn_" + s for s in FAMILY_SUFFIXES] + ["it_syn_critique_mix"]
+  ours = ["it_syn_" + s for s in FAMILY_SUFFIXES] + ["it_syn_critique_mix", "it_syn_critique_mix_precise"]
   assert names["it_syn"][:len(ours)] == ours and "it_syn_critique_regen" not in names["it_syn"]
-  ours = ["it_regen_" + s for s in FAMILY_SUFFIXES] + ["it_regen_critique_mix", "it_regen_critique_regen"]
+  ours = ["it_regen_" + s for s in FAMILY_SUFFIXES] + ["it_regen_critique_mix", "it_regen_critique_mix_precise",
+                                                      "it_regen_critique_regen"]
   assert names["it_regen"][:len(ours)] == ours
   items = seqio.get_mixture_or_task("it_syn_items").output_features
   assert sorted(items) == ["critiques_broad", "critiques_precise", "items"]
@@ -75,6 +76,9 @@ def test_names_and_features(registered):
   assert crit[0] == crit[1] == crit[2] != crit[3]
   assert crit[3].table == tuple(sp.critique_table(registered[0]["it_regen"], "regen"))
   assert isinstance(seqio.get_mixture_or_task("it_syn_critique_mix"), seqio.Mixture)
+  rates = {t.name: seqio.get_mixture_or_task("it_syn_critique_mix_precise").get_rate(t)
+           for t in seqio.get_mixture_or_task("it_syn_critique_mix_precise").tasks}
+  assert rates == {"it_syn_critique_precise": 2.0, "it_syn_critique_broad": 1.0, "it_syn_critique_none": 1.0}
 
 
 @pytest.mark.parametrize("dataset,suffix", [("it_syn", s) for s in FAMILY_SUFFIXES]
@@ -283,7 +287,7 @@ def test_register_is_idempotent_and_repointable(tasks_module, synthetic_prepared
   finally:
     tasks_module.unregister_dataset_tasks("it_move")
   assert not [n for n in seqio.TaskRegistry.names() if n.startswith("it_move_")]
-  assert "it_move_critique_mix" not in seqio.MixtureRegistry.names()
+  assert not [n for n in seqio.MixtureRegistry.names() if n.startswith("it_move_")]
 
 
 def test_register_through_gin(tasks_module, synthetic_prepared):

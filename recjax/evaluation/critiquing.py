@@ -134,7 +134,7 @@ def out_of_sequence(scorer, batches, index: CategoryIndex, level: int, *, k: int
 
 
 def _dataset_prefix(task_name: str) -> str:
-  for suffix in ("_critique_mix", "_critique_precise", "_critique_broad", "_critique_none", "_items"):
+  for suffix in ("_critique_mix_precise", "_critique_mix", "_critique_precise", "_critique_broad", "_critique_none", "_items"):
     if task_name.endswith(suffix):
       return task_name[:-len(suffix)]
   raise ValueError(f"{task_name!r} is not a critique task of a prepared dataset "
