@@ -185,11 +185,18 @@ class Tiger:
     return TigerNetwork(vocab_size=self.vocab_size, encoder_vocab_size=self.encoder_vocab_size,
                         id_length=self.id_length, cfg=self.t5_config(), rngs=rngs)
 
+  # Fields of an examples dict that batches carry (see `batches`).
+  batch_fields = ("encoder_tokens", "encoder_mask", "targets", "weights")
+
+  def memory(self, net: TigerNetwork, batch):
+    """(encoder output [B, T, d], mask [B, T]) the decoder cross-attends to."""
+    return net.encode(batch["encoder_tokens"], batch["encoder_mask"]), batch["encoder_mask"]
+
   def logits(self, net: TigerNetwork, batch):
-    memory = net.encode(batch["encoder_tokens"], batch["encoder_mask"])
+    memory, mask = self.memory(net, batch)
     targets = batch["targets"]
     inputs = jnp.concatenate([jnp.full_like(targets[:, :1], START_TOKEN), targets[:, :-1]], axis=1)
-    return net.decode(inputs, memory, batch["encoder_mask"])
+    return net.decode(inputs, memory, mask)
 
   def loss_fn(self, net: TigerNetwork, batch, rng: jax.Array | None):
     """Token cross-entropy (float32) of the target IDs under teacher forcing; rows with
@@ -209,9 +216,8 @@ class Tiger:
                constrained: bool = True, free: bool = False):
     """Beam search from each row's history: (tokens [B, K, L], scores [B, K], items [B, K]);
     `constrained` / `free` as in `beam_search.beam_search`."""
-    enc_tokens, enc_mask = batch["encoder_tokens"], batch["encoder_mask"]
-    b = enc_tokens.shape[0]
-    memory = net.encode(enc_tokens, enc_mask)
+    memory, enc_mask = self.memory(net, batch)
+    b = memory.shape[0]
     # Every beam of a row attends to the same memory: repeat it once, before the search.
     cross_kv = [(jnp.repeat(k, num_beams, 0), jnp.repeat(v, num_beams, 0)) for k, v in net.cross_cache(memory)]
     mask = jnp.repeat(enc_mask, num_beams, 0)
@@ -273,12 +279,11 @@ def build_examples(data_dir, sids, model: Tiger, split: str) -> dict[str, np.nda
                                  every_prefix=(split == "train"), user_ids=users)
 
 
-def batches(examples: dict, batch_size: int, *, seed: int):
+def batches(examples: dict, batch_size: int, *, seed: int, fields=Tiger.batch_fields):
   """Endless shuffled batches (reshuffled every epoch; the ragged tail is dropped)."""
   n = len(examples["weights"])
   if n < batch_size:
     raise ValueError(f"{n} examples are fewer than one batch of {batch_size}")
-  fields = ("encoder_tokens", "encoder_mask", "targets", "weights")
   rng = np.random.default_rng(seed)
   while True:
     order = rng.permutation(n)
@@ -292,17 +297,19 @@ def batches(examples: dict, batch_size: int, *, seed: int):
 
 def train_tiger(model: Tiger, examples: dict, *, steps: int, batch_size: int = 256, seed: int = 0,
                 learning_rate: float = 1e-3, warmup_steps: int = 100, weight_decay: float = 0.0,
-                log_every: int = 100, callback: Callable[[int, dict], None] | None = None):
+                log_every: int = 100, callback: Callable[[int, dict], None] | None = None,
+                frozen_inputs: dict | None = None):
   """Trains with `recjax.train.loop.Trainer`'s jitted step on one host. Returns
-  (trainer, state, history [{step, loss, accuracy, seconds}])."""
+  (trainer, state, history [{step, loss, accuracy, seconds}]). `frozen_inputs` as for the
+  Trainer (models whose memory reads frozen tables, e.g. Mender_Emb)."""
   from recjax.train import loop
   from recjax.train import mesh as mesh_lib
   opt = lambda total: loop.make_optimizer(total, learning_rate=learning_rate, warmup_steps=warmup_steps,
                                           weight_decay=weight_decay, schedule="cosine",
                                           end_learning_rate_fraction=0.1)
   trainer = loop.Trainer(model, mesh_lib.create_mesh(), mesh_lib.DEFAULT_RULES, seed=seed,
-                         total_steps=steps, optimizer_fn=opt)
-  data = batches(examples, batch_size, seed=seed)
+                         total_steps=steps, optimizer_fn=opt, frozen_inputs=frozen_inputs or {})
+  data = batches(examples, batch_size, seed=seed, fields=model.batch_fields)
   history, window, start = [], [], time.perf_counter()
   with jax.set_mesh(trainer.mesh):
     state = trainer.init_state()
@@ -326,9 +333,11 @@ def train_tiger(model: Tiger, examples: dict, *, steps: int, batch_size: int = 2
 
 def evaluate_tiger(model: Tiger, net: TigerNetwork, examples: dict, tables: bs.TrieTables, *,
                    num_beams: int = 20, ks=(5, 10), batch_size: int = 256, constrained: bool = True,
-                   free: bool = False) -> dict:
+                   free: bool = False, frozen: dict | None = None, return_items: bool = False) -> dict:
   """Recall@K / NDCG@K of the top beams (history not excluded) and, for unconstrained
-  decoding, the fraction of returned IDs (top max(ks) live beams) that name no item."""
+  decoding, the fraction of returned IDs (top max(ks) live beams) that name no item.
+  `frozen`: the trainer's frozen inputs on device (`Trainer.frozen`), for models that read
+  them; `return_items`: also return the top max(ks) items per example ("items" [N, K])."""
   from recjax.evaluation.ranking import RankingMetrics
   top = max(ks)
   if num_beams < top:
@@ -337,28 +346,34 @@ def evaluate_tiger(model: Tiger, net: TigerNetwork, examples: dict, tables: bs.T
   graphdef, params = nnx.split(net)
 
   @jax.jit  # parameters and tables as arguments, not constants baked into the program
-  def run(params, tables, batch):
+  def run(params, tables, frozen, batch):
     net = nnx.merge(graphdef, params)
+    if frozen:
+      batch = dict(batch, frozen=frozen)
     _, scores, items = model.generate(net, batch, tables, num_beams=num_beams, constrained=constrained,
                                     free=free)
     hit = items[:, :top] == batch["target_items"][:, None]
     rank = jnp.where(hit.any(1), jnp.argmax(hit, 1), top)  # a miss ranks past every cutoff
     live = jnp.isfinite(scores[:, :top]) & (batch["weights"][:, None] > 0)
-    return rank, jnp.stack([jnp.sum(live & (items[:, :top] < 0)), jnp.sum(live)])
+    return rank, jnp.stack([jnp.sum(live & (items[:, :top] < 0)), jnp.sum(live)]), items[:, :top]
 
-  acc, counts = RankingMetrics(ks), []
+  acc, counts, tops = RankingMetrics(ks), [], []
   n = len(examples["weights"])
-  fields = ("encoder_tokens", "encoder_mask", "target_items", "weights")
+  fields = [f for f in model.batch_fields if f != "targets"] + ["target_items"]
   for s in range(0, n, batch_size):
     batch = {k: examples[k][s:s + batch_size] for k in fields}
     pad = batch_size - len(batch["weights"])  # one shape: one compilation
     batch = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
-    rank, count = run(params, tables, batch)
+    rank, count, items = run(params, tables, frozen or {}, batch)
     acc.update(rank, valid=batch["weights"] > 0)
     counts.append(count)
+    if return_items:
+      tops.append(items[:batch_size - pad])
   out = {k: v for k, v in acc.result().items() if k != "mrr"}  # MRR would be truncated at `top`
   invalid, live = np.sum(jax.device_get(counts), 0)
   out["invalid_id_fraction"] = float(invalid) / max(float(live), 1.0)
+  if return_items:
+    out["items"] = np.concatenate(jax.device_get(tops)) if tops else np.zeros((0, top), np.int32)
   return out
 
 

@@ -192,8 +192,12 @@ class T5Encoder(nnx.Module):
 
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """Last hidden states [B, T, d_model] of `ids` [B, T] with padding `mask` (1 = token)."""
-    x = self.embed(ids).astype(self.dtype)
-    t = ids.shape[1]
+    return self.encode_embeddings(self.embed(ids), mask)
+
+  def encode_embeddings(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """The blocks over input vectors x [B, T, d_model] (models with their own inputs)."""
+    x = x.astype(self.dtype)
+    t = x.shape[1]
     bias = self.blocks[0].attention.position_bias(t, t)  # shared by every layer
     attend = (mask > 0)[:, None, None, :]
     for block in self.blocks:

@@ -1,0 +1,266 @@
+"""Mender_Emb (Paulus et al. 2025, "Preference Discerning with LLM-Enhanced Generative
+Retrieval"): TIGER's semantic-ID decoder conditioned on user preferences in language.
+
+The encoder input is one vector per preference and one per history item, each the frozen
+sentence encoder's embedding of its text (precomputed once: `recjax.models.rqvae.
+item_embeddings` for items, `recjax.evaluation.preferences` for preference statements),
+projected to d_model, plus a learned type vector (preference / item); an item also adds
+the mean of its semantic-ID token embeddings (`item_id_embeddings`), so the encoder sees
+the same collaborative tokens TIGER does. A T5 encoder runs over [preferences ; items]
+and TIGER's decoder generates the next item's semantic ID, trie-constrained at inference.
+
+The tables (item text embeddings, preference embeddings, item -> semantic-ID tokens) are
+Trainer frozen inputs: placed on the devices once and gathered inside the step.
+
+Training rows carry a sign: +1 rows are trained by token cross-entropy; -1 rows (the
+paper's negative preference data) by down-weighting the target ID's likelihood, here
+sequence-level unlikelihood -log(1 - p(ID)), which is bounded (pushing log p itself down
+is not) and vanishes once the ID is unlikely.
+
+`recjax mender` (`run`) trains TIGER (no preferences) and Mender_Emb on the same
+preference-discerning benchmark and reports its five axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from recjax.models import layers
+from recjax.models import tiger
+
+log = logging.getLogger("recjax.mender")
+
+
+class MenderNetwork(tiger.TigerNetwork):
+  def __init__(self, *, embed_dim: int, cfg, rngs: nnx.Rngs, **kwargs):
+    super().__init__(cfg=cfg, rngs=rngs, **kwargs)
+    self.item_proj = layers.dense(embed_dim, cfg.d_model, ("text_embed", "embed"), rngs=rngs)
+    self.pref_proj = layers.dense(embed_dim, cfg.d_model, ("text_embed", "embed"), rngs=rngs)
+    init = layers.param_init(nnx.initializers.normal(0.02), None, "embed")
+    self.type_embed = nnx.Param(init(rngs.params(), (2, cfg.d_model)))  # preference, item
+
+
+@dataclasses.dataclass
+class MenderEmb(tiger.Tiger):
+  """Mender_Emb hyper-parameters: TIGER's, plus the conditioning inputs."""
+
+  embed_dim: int = 384  # the sentence encoder's width
+  num_preferences: int = 5  # preference slots per example (-1 = empty)
+  item_id_embeddings: bool = True
+  negative_weight: float = 1.0  # weight of the unlikelihood term of sign -1 rows
+
+  batch_fields = ("history", "preferences", "targets", "weights", "sign")
+
+  @property
+  def encoder_length(self) -> int:
+    return self.num_preferences + self.max_items
+
+  def network(self, rngs: nnx.Rngs) -> MenderNetwork:
+    if self.vocab_size <= 2:
+      raise ValueError(f"MenderEmb.vocab_size must be the semantic-ID vocabulary, got {self.vocab_size}")
+    return MenderNetwork(embed_dim=self.embed_dim, vocab_size=self.vocab_size,
+                         encoder_vocab_size=self.encoder_vocab_size, id_length=self.id_length,
+                         cfg=self.t5_config(), rngs=rngs)
+
+  @staticmethod
+  def frozen_tables(item_embeddings: np.ndarray, pref_embeddings: np.ndarray, item_tokens: np.ndarray) -> dict:
+    """Trainer frozen inputs: {name: (array, logical axes)}."""
+    return {"item_text": (np.asarray(item_embeddings, np.float32), ("item", None)),
+            "pref_text": (np.asarray(pref_embeddings, np.float32), (None, None)),
+            "item_tokens": (np.asarray(item_tokens, np.int32), ("item", None))}
+
+  def memory(self, net: MenderNetwork, batch):
+    frozen, history, prefs = batch["frozen"], batch["history"], batch["preferences"]
+    items = net.item_proj(jnp.take(frozen["item_text"], history, axis=0)) + net.type_embed[1]
+    if self.item_id_embeddings:
+      tokens = jnp.take(frozen["item_tokens"], history, axis=0)  # [B, M, L]; rows 0/1 are -1
+      emb = net.encoder.embed(jnp.maximum(tokens, 0))
+      items = items + jnp.mean(jnp.where(tokens[..., None] >= 0, emb, 0.0), axis=2)
+    pref = net.pref_proj(jnp.take(frozen["pref_text"], jnp.maximum(prefs, 0), axis=0)) + net.type_embed[0]
+    x = jnp.concatenate([pref, items], axis=1)
+    mask = jnp.concatenate([prefs >= 0, history > 0], axis=1).astype(jnp.int32)
+    return net.encoder.encode_embeddings(x, mask), mask
+
+  def loss_fn(self, net: MenderNetwork, batch, rng: jax.Array | None):
+    """Cross-entropy (float32) of the target IDs on sign +1 rows; on sign -1 rows,
+    negative_weight * -log(1 - p(target ID)). Rows with weight 0 do not count."""
+    del rng
+    logits = self.logits(net, batch)
+    targets = batch["targets"]
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    w = batch["weights"].astype(jnp.float32)
+    pos = w * (batch["sign"] > 0)
+    neg = w * (batch["sign"] < 0)
+    seq_nll = jnp.sum(nll, -1)
+    # -log(1 - exp(-seq_nll)), stable; clamped where p(ID) ~ 1 (seq_nll ~ 0).
+    unlikely = -jnp.log(-jnp.expm1(-jnp.maximum(seq_nll, 1e-6)))
+    token_w = jnp.broadcast_to(pos[:, None], targets.shape)
+    denom = jnp.maximum(jnp.sum(token_w), 1.0)
+    loss = jnp.sum(nll * token_w) / denom + self.negative_weight * jnp.sum(unlikely * neg) / jnp.maximum(
+        jnp.sum(neg), 1.0)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return loss, {"loss_sum": jnp.sum(nll * token_w), "targets": jnp.sum(token_w),
+                  "accuracy_sum": jnp.sum(correct * token_w), "unlikelihood_sum": jnp.sum(unlikely * neg),
+                  "negatives": jnp.sum(neg), "dropped_targets": jnp.zeros((), jnp.float32),
+                  "items": jnp.sum(w)}
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+def model_examples(split: dict, item_tokens: np.ndarray, model: tiger.Tiger) -> dict[str, np.ndarray]:
+  """A benchmark split (`recjax.evaluation.preferences`: history, preferences, target, sign)
+  -> the arrays `model` trains and evaluates on (TIGER: semantic-ID tokens of the history,
+  preferences unused; Mender_Emb: item and preference ids)."""
+  history = np.asarray(split["history"])[:, -model.max_items:] if split["history"].shape[1] > model.max_items \
+      else np.asarray(split["history"])
+  if history.shape[1] < model.max_items:
+    history = np.pad(history, ((0, 0), (0, model.max_items - history.shape[1])))
+  target = np.asarray(split["target"], np.int64)
+  out = {"targets": item_tokens[target].astype(np.int32), "target_items": target.astype(np.int32),
+         "weights": np.ones(len(target), np.float32), "sign": np.asarray(split["sign"], np.float32)}
+  if isinstance(model, MenderEmb):
+    prefs = np.asarray(split["preferences"], np.int32)[:, :model.num_preferences]
+    if prefs.shape[1] < model.num_preferences:
+      prefs = np.pad(prefs, ((0, 0), (0, model.num_preferences - prefs.shape[1])), constant_values=-1)
+    out.update(history=history.astype(np.int32), preferences=prefs)
+  else:
+    tokens = np.where(history[..., None] > 0, item_tokens[history], 0).reshape(len(history), -1)
+    out.update(encoder_tokens=tokens.astype(np.int32), encoder_mask=(tokens > 0).astype(np.int32))
+  return out
+
+
+def concat_splits(*splits: dict) -> dict:
+  return {k: np.concatenate([s[k] for s in splits]) for k in splits[0]}
+
+
+# -- the benchmark run ----------------------------------------------------------------------
+
+TRAIN_EXTRAS = ("train_fine_steering", "train_coarse_steering", "train_sentiment")
+
+
+AXES = ("recommendation", "fine_steering", "coarse_steering", "consolidation")
+
+
+def _rank_metrics(items: np.ndarray, targets: np.ndarray, ks=(5, 10)) -> dict:
+  """Recall@k / NDCG@k of each target's position among the returned items (one relevant)."""
+  hit = items == targets[:, None]
+  rank = np.where(hit.any(1), hit.argmax(1), items.shape[1])
+  out = {}
+  for k in ks:
+    out[f"recall@{k}"] = float(np.mean(rank < k))
+    out[f"ndcg@{k}"] = float(np.mean(np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)))
+  return out
+
+
+def evaluate_axes(model, net, bench, item_tokens, tables, *, frozen=None, num_beams: int = 20,
+                  k: int = 10) -> dict:
+  """Recall@5/k and NDCG@5/k per axis (recommendation, fine / coarse steering, history
+  consolidation) and sentiment following m@k (hit with the positive preference and no hit
+  with the negative one). Every axis is decoded in one pass (one compiled beam search)."""
+  from recjax.evaluation import preferences as prefs_lib
+  names = [f"test_{a}" for a in AXES] + ["test_sentiment_positive", "test_sentiment_negative"]
+  parts = [(n, bench.splits[n]) for n in names if n in bench.splits and len(bench.splits[n]["target"])]
+  examples = concat_splits(*[model_examples(split, item_tokens, model) for _, split in parts])
+  items = tiger.evaluate_tiger(model, net, examples, tables, num_beams=num_beams, ks=(k,), frozen=frozen,
+                               return_items=True)["items"]
+  top, start = {}, 0
+  for name, split in parts:
+    n = len(split["target"])
+    top[name], start = (items[start:start + n], np.asarray(split["target"])), start + n
+  out = {}
+  for axis in AXES:
+    if f"test_{axis}" in top:
+      got, targets = top[f"test_{axis}"]
+      out[axis] = {**_rank_metrics(got, targets, (5, k)), "count": int(len(targets))}
+  if "test_sentiment_positive" in top and "test_sentiment_negative" in top:
+    (pos, targets), (neg, _) = top["test_sentiment_positive"], top["test_sentiment_negative"]
+    out["sentiment"] = {f"m@{k}": prefs_lib.sentiment_following(pos, neg, targets, k),
+                        f"hit_positive@{k}": float(prefs_lib.hit_at_k(pos, targets, k).mean()),
+                        f"hit_negative@{k}": float(prefs_lib.hit_at_k(neg, targets, k).mean()),
+                        "count": int(len(targets))}
+  return out
+
+
+def load_or_build_benchmark(data_dir, name: str = "ground_truth", held_out: tuple[str, ...] | None = None):
+  """The saved benchmark `name`, built from the dataset's ground-truth preferences (and
+  saved) when missing. `held_out`: the test splits whose (preference, target) pairs no
+  train split may contain (default: all); a saved benchmark must have been built alike."""
+  from recjax.evaluation import preferences as prefs_lib
+  held_out = tuple(held_out or prefs_lib.TEST_SPLITS)
+  try:
+    bench = prefs_lib.load_benchmark(data_dir, name)
+  except FileNotFoundError:
+    bench = prefs_lib.build_benchmark(data_dir, held_out_splits=held_out)
+    prefs_lib.save_benchmark(bench, data_dir, name)
+    return bench
+  if tuple(bench.stats.get("held_out_splits", ())) != held_out:
+    raise ValueError(f"the saved benchmark {name!r} holds out {bench.stats.get('held_out_splits')}, not "
+                     f"{list(held_out)}: pass another --benchmark name to build that variant")
+  return bench
+
+
+def run(data_dir, *, ids: str = "rqvae", benchmark: str = "ground_truth", held_out: tuple[str, ...] | None = None,
+        steps: int = 2000, batch_size: int = 128, learning_rate: float = 1e-3, num_beams: int = 20, seed: int = 0,
+        models: tuple[str, ...] = ("tiger", "mender_emb", "mender_emb_extras"), **sizes) -> list[dict]:
+  """`recjax mender`: train each model on the benchmark's training data and report every
+  axis. tiger = no preferences; mender_emb = preference-conditioned on "train";
+  mender_emb_extras = + the steering and sentiment (positive / negative) training data."""
+  from recjax.models import beam_search as bs
+  from recjax.models import rqvae
+  unknown = sorted(set(models) - {"tiger", "mender_emb", "mender_emb_extras"})
+  if unknown:
+    raise ValueError(f"unknown models {unknown}; choose from tiger, mender_emb, mender_emb_extras")
+  rows = []
+
+  def emit(row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  t0 = time.perf_counter()
+  sids = rqvae.load_semantic_ids(data_dir, ids)
+  bench = load_or_build_benchmark(data_dir, benchmark, held_out)
+  tables = bs.trie_tables_of(sids)
+  item_tokens = sids.tokens
+  emit({"event": "data", "benchmark": benchmark, "held_out": bench.stats.get("held_out_splits"),
+        "splits": {k: int(len(v["target"])) for k, v in bench.splits.items()},
+        "preferences": len(bench.preferences), "seconds": round(time.perf_counter() - t0, 1)})
+  for name in models:
+    if name == "tiger":
+      model = tiger.Tiger(vocab_size=sids.vocab_size, **sizes)
+      train, frozen_in = bench.splits["train"], None
+    elif name in ("mender_emb", "mender_emb_extras"):
+      model = MenderEmb(vocab_size=sids.vocab_size, embed_dim=bench.pref_embeddings.shape[1], **sizes)
+      parts = [bench.splits["train"]]
+      if name == "mender_emb_extras":
+        parts += [bench.splits[s] for s in TRAIN_EXTRAS if s in bench.splits]
+      train = concat_splits(*parts)
+      frozen_in = MenderEmb.frozen_tables(bench.item_embeddings, bench.pref_embeddings, item_tokens)
+    else:
+      raise AssertionError(name)
+    if name == "tiger":  # negatives are preference data: TIGER cannot condition on them
+      train = {k: v[np.asarray(train["sign"]) > 0] for k, v in train.items()}
+    examples = model_examples(train, item_tokens, model)
+    t1 = time.perf_counter()
+    trainer, state, history = tiger.train_tiger(
+        model, examples, steps=steps, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
+        warmup_steps=min(200, steps // 10), log_every=max(steps // 5, 1), frozen_inputs=frozen_in)
+    net = trainer.network(state.params)
+    emit({"event": "train", "model": name, "examples": int(len(examples["weights"])), "steps": steps,
+          "loss": round(history[-1]["loss"], 4), "seconds": round(time.perf_counter() - t1, 1)})
+    t1 = time.perf_counter()
+    axes = evaluate_axes(model, net, bench, item_tokens, tables, frozen=trainer.frozen if frozen_in else None,
+                         num_beams=num_beams)
+    emit({"event": "test", "model": name, **axes, "seconds": round(time.perf_counter() - t1, 1)})
+  return rows
+
+
+__all__ = ["MenderEmb", "MenderNetwork", "model_examples", "evaluate_axes", "load_or_build_benchmark", "run"]

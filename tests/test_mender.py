@@ -1,0 +1,139 @@
+"""Mender_Emb: the preference decides the target where the history cannot; negatives
+(sign -1) push their ID's likelihood down; model_examples' layouts (tiny sizes)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from recjax.models import beam_search as bs
+from recjax.models import mender, rqvae, tiger
+
+NUM_ITEMS, DIM, PREFS = 30, 8, 4
+
+
+def make_sids(num_items: int, sizes=(3, 3, 8), seed: int = 0) -> rqvae.SemanticIds:
+  rng = np.random.default_rng(seed)
+  codes = rqvae.add_unique_level(rng.integers(0, sizes[0], (num_items, len(sizes) - 1)), sizes[-1])
+  full = np.full((num_items + 2, len(sizes)), -1, np.int32)
+  full[2:] = codes
+  offsets = rqvae.token_offsets(sizes)
+  return rqvae.SemanticIds(codes=full, metadata={"codebook_sizes": list(sizes), "offsets": offsets,
+                                                  "vocab_size": offsets[-1] + sizes[-1]})
+
+
+def toy_split(n: int, seed: int, sign: float = 1.0) -> dict:
+  """Random histories; the target is a fixed item per preference (2 + 5 * p)."""
+  rng = np.random.default_rng(seed)
+  history = np.zeros((n, 6), np.int32)
+  lens = rng.integers(1, 6, n)
+  for r, m in enumerate(lens):
+    history[r, :m] = rng.integers(2, NUM_ITEMS + 2, m)
+  prefs = np.full((n, 2), -1, np.int32)
+  prefs[:, 0] = rng.integers(0, PREFS, n)
+  return {"user": np.arange(n, dtype=np.int32), "history": history, "preferences": prefs,
+          "target": (2 + 5 * prefs[:, 0]).astype(np.int32), "sign": np.full(n, sign, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+  sids = make_sids(NUM_ITEMS)
+  rng = np.random.default_rng(1)
+  item_emb = rng.normal(size=(NUM_ITEMS + 2, DIM)).astype(np.float32)
+  item_emb[:2] = 0
+  pref_emb = rng.normal(size=(PREFS, DIM)).astype(np.float32)
+  sizes = dict(max_items=5, d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layers=1)
+  return sids, item_emb, pref_emb, sizes
+
+
+def _train_eval(model, sids, train, test, frozen_in, steps=150):
+  trainer, state, _ = tiger.train_tiger(model, mender.model_examples(train, sids.tokens, model), steps=steps,
+                                        batch_size=32, learning_rate=3e-3, warmup_steps=10, log_every=steps,
+                                        frozen_inputs=frozen_in)
+  net = trainer.network(state.params)
+  with jax.set_mesh(trainer.mesh):
+    got = tiger.evaluate_tiger(model, net, mender.model_examples(test, sids.tokens, model), bs.trie_tables_of(sids),
+                               num_beams=4, ks=(1,), frozen=trainer.frozen if frozen_in else None,
+                               return_items=True)
+  return got, trainer, state
+
+
+def test_model_examples_layouts(setup):
+  sids, _, _, sizes = setup
+  split = toy_split(10, 0)
+  t = mender.model_examples(split, sids.tokens, tiger.Tiger(vocab_size=sids.vocab_size, **sizes))
+  assert t["encoder_tokens"].shape == (10, 5 * 3) and "preferences" not in t
+  # The most recent max_items of the 6 history slots are kept; pads have no tokens.
+  np.testing.assert_array_equal(t["encoder_mask"], t["encoder_tokens"] > 0)
+  m = mender.model_examples(split, sids.tokens, mender.MenderEmb(vocab_size=sids.vocab_size, embed_dim=DIM,
+                                                                 num_preferences=3, **sizes))
+  assert m["history"].shape == (10, 5) and m["preferences"].shape == (10, 3)
+  assert (m["preferences"][:, 2] == -1).all() and (m["preferences"][:, 0] == split["preferences"][:, 0]).all()
+  np.testing.assert_array_equal(m["targets"], sids.tokens[split["target"]])
+
+
+def test_the_preference_steers_the_generated_item(setup):
+  sids, item_emb, pref_emb, sizes = setup
+  train, test = toy_split(512, 0), toy_split(64, 1)
+  model = mender.MenderEmb(vocab_size=sids.vocab_size, embed_dim=DIM, num_preferences=2, **sizes)
+  frozen = mender.MenderEmb.frozen_tables(item_emb, pref_emb, sids.tokens)
+  got, _, _ = _train_eval(model, sids, train, test, frozen)
+  assert got["recall@1"] > 0.95, got
+  # TIGER sees only the (uninformative) history: it cannot beat always guessing one item.
+  base, _, _ = _train_eval(tiger.Tiger(vocab_size=sids.vocab_size, **sizes), sids, train, test, None)
+  best_constant = np.bincount(test["target"]).max() / len(test["target"])
+  assert base["recall@1"] <= best_constant + 0.1 < got["recall@1"]
+
+
+def test_negative_rows_push_the_target_down(setup):
+  sids, item_emb, pref_emb, sizes = setup
+  model = mender.MenderEmb(vocab_size=sids.vocab_size, embed_dim=DIM, num_preferences=2, **sizes)
+  frozen = mender.MenderEmb.frozen_tables(item_emb, pref_emb, sids.tokens)
+  pos = toy_split(512, 0)
+  # Preference 3 appears only in negatives: "not item 17" must stop producing item 17.
+  neg = toy_split(512, 2, sign=-1.0)
+  keep = pos["preferences"][:, 0] != 3
+  pos = {k: v[keep] for k, v in pos.items()}
+  neg = {k: v[neg["preferences"][:, 0] == 3] for k, v in neg.items()}
+  test = toy_split(64, 3)
+  test = {k: v[test["preferences"][:, 0] == 3] for k, v in test.items()}
+  with_neg, _, _ = _train_eval(model, sids, mender.concat_splits(pos, neg), test, frozen)
+  assert with_neg["recall@1"] < 0.05
+  assert with_neg["items"].shape == (len(test["target"]), 1)
+
+
+def test_mender_command_reports_every_axis(synthetic_prepared, tmp_path):
+  import json
+  import os
+  import shutil
+  import subprocess
+  import sys
+  from recjax.data.prepared import PreparedDataset
+  data = tmp_path / "regen"
+  shutil.copytree(synthetic_prepared["synthetic_regen"], data)
+  n = PreparedDataset(data).vocab_size
+  codes = np.full((n, 4), -1, np.int32)
+  codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
+  rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
+  cmd = [sys.executable, "-m", "recjax.main", "mender", "--data", str(data), "--ids", "rand", "--steps", "10",
+         "--batch_size", "32", "--d_model", "16", "--d_kv", "8", "--num_heads", "2", "--d_ff", "32",
+         "--num_layers", "1", "--num_beams", "10", "--held_out", "test_fine_steering,test_coarse_steering",
+         "--benchmark", "steer"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ))
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  data_row = rows[0]
+  assert data_row["held_out"] == ["test_fine_steering", "test_coarse_steering"]
+  assert (data / "preference_benchmark" / "steer.npz").is_file()
+  tests = {r["model"]: r for r in rows if r.get("event") == "test"}
+  assert set(tests) == {"tiger", "mender_emb", "mender_emb_extras"}
+  for r in tests.values():
+    for axis in ("recommendation", "fine_steering", "coarse_steering", "consolidation"):
+      assert r[axis]["count"] == data_row["splits"][f"test_{axis}"] > 0
+      assert 0.0 <= r[axis]["recall@5"] <= r[axis]["recall@10"] <= 1.0
+    assert r["sentiment"]["count"] == data_row["splits"]["test_sentiment_positive"]
+  # A saved benchmark built with other held-out splits is refused, not silently reused.
+  bad = subprocess.run(cmd[:-4] + ["--held_out", "all", "--benchmark", "steer", "--steps", "1"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ))
+  assert bad.returncode != 0 and "holds out" in bad.stderr
