@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import statistics
 import time
 from typing import Iterable
 
@@ -159,6 +160,15 @@ def _train_section(rows: list[dict], figures: pathlib.Path, plt) -> list[str]:
     a = alone[-1]
     lines.append(f"- recjax step alone: {a['step_s']} s, {a['gflop_per_step']} GFLOP (XLA cost analysis), "
                  f"model-FLOPs utilisation {a['mfu']:.1%} of {a['peak_gflops']} GFLOP/s.")
+  evals = {key: statistics.median(r["eval_s"] for r in run) for key, run in sorted(runs.items())
+           if all("eval_s" in r for r in run)}
+  if evals:
+    users = next((r["users"] for r in rows if r.get("event") == "dataset" and "users" in r), None)
+    per = f" ({users:,} test users, full ranking of every item)" if users else ""
+    lines.append("- test-split evaluation, median seconds per evaluation" + per + ": "
+                 + "; ".join(f"{peer} {model} {s:.1f} s" + (f" ({users / s:,.0f} users/s)" if users else "")
+                             for (peer, model), s in evals.items())
+                 + ". recjax's includes removing each user's history from the candidates; RecBole's full sort does not.")
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for (peer, model), run in sorted(runs.items()):
     xs = [r["train_s"] / 60 for r in run]

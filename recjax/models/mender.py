@@ -252,7 +252,8 @@ def run(data_dir, *, ids: str = "rqvae", benchmark: str = "ground_truth", held_o
     t1 = time.perf_counter()
     trainer, state, history = tiger.train_tiger(
         model, examples, steps=steps, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
-        warmup_steps=min(200, steps // 10), log_every=max(steps // 5, 1), frozen_inputs=frozen_in)
+        warmup_steps=min(200, steps // 10), log_every=max(steps // 5, 1), frozen_inputs=frozen_in,
+        callback=lambda step, row: emit({"event": "progress", "model": name, **row}))
     net = trainer.network(state.params)
     emit({"event": "train", "model": name, "examples": int(len(examples["weights"])), "steps": steps,
           "loss": round(history[-1]["loss"], 4), "seconds": round(time.perf_counter() - t1, 1)})
