@@ -103,19 +103,12 @@ def test_negative_rows_push_the_target_down(setup):
   assert with_neg["items"].shape == (len(test["target"]), 1)
 
 
-def test_mender_command_reports_every_axis(synthetic_prepared, tmp_path):
+def test_mender_command_reports_every_axis(synthetic_prepared, with_random_ids):
   import json
   import os
-  import shutil
   import subprocess
   import sys
-  from recjax.data.prepared import PreparedDataset
-  data = tmp_path / "regen"
-  shutil.copytree(synthetic_prepared["synthetic_regen"], data)
-  n = PreparedDataset(data).vocab_size
-  codes = np.full((n, 4), -1, np.int32)
-  codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
-  rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
+  data = with_random_ids(synthetic_prepared["synthetic_regen"])
   cmd = [sys.executable, "-m", "recjax.main", "mender", "--data", str(data), "--ids", "rand", "--steps", "10",
          "--batch_size", "32", "--d_model", "16", "--d_kv", "8", "--num_heads", "2", "--d_ff", "32",
          "--num_layers", "1", "--num_beams", "10", "--held_out", "test_fine_steering,test_coarse_steering",

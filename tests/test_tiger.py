@@ -244,19 +244,12 @@ def test_examples_from_a_prepared_dataset(synthetic_prepared, tmp_path):
     assert np.all(ex["encoder_mask"] == (ex["encoder_tokens"] > 0))
 
 
-def test_tiger_command_trains_and_reports(synthetic_prepared, tmp_path):
+def test_tiger_command_trains_and_reports(synthetic_prepared, with_random_ids):
   import json
   import os
-  import shutil
   import subprocess
   import sys
-  from recjax.data.prepared import PreparedDataset
-  data = tmp_path / "synthetic"
-  shutil.copytree(synthetic_prepared["synthetic"], data)
-  n = PreparedDataset(data).vocab_size
-  codes = np.full((n, 4), -1, np.int32)
-  codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
-  rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
+  data = with_random_ids(synthetic_prepared["synthetic"])
   cmd = [sys.executable, "-m", "recjax.main", "tiger", "--data", str(data), "--ids", "rand", "--steps", "20",
          "--batch_size", "32", "--d_model", "16", "--d_kv", "8", "--num_heads", "2", "--d_ff", "32",
          "--num_layers", "1", "--num_beams", "10", "--unconstrained_users", "50"]
