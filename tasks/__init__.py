@@ -5,8 +5,9 @@ those discovered under $RECJAX_DATA_DIR (else runs/default/prepared), plus any a
 name. Task names start with the dataset name (catalogue: docs/tasks.md):
 
   item_sequences.py  families 1 and 3: DS_items, DS_critique_{precise,broad,none,regen},
-                     DS_critique_mix
+                     DS_critique_mix, DS_critique_mix_precise
   text.py            families 2, 4 and 5: text-to-text tasks and mixtures
+  preferences.py     the preference-discerning benchmark, once built: DS_pref_<axis>, DS_pref_mix
 
 A dataset prepared anywhere becomes tasks without writing Python:
 
@@ -37,8 +38,9 @@ if __name__ == "tasks":
 
 from . import item_sequences  # pylint: disable=g-import-not-at-top
 from . import text  # pylint: disable=g-import-not-at-top
+from . import preferences  # pylint: disable=g-import-not-at-top
 
-FAMILIES = (item_sequences, text)
+FAMILIES = (item_sequences, text, preferences)
 
 # dataset name -> ((resolved dir, content hash), registered task and mixture names)
 _REGISTERED: dict[str, tuple[tuple[str, str], list[str]]] = {}

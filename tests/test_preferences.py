@@ -316,3 +316,46 @@ def test_sentiment_following_counts_hit_positive_and_missed_negative():
   assert prefs.sentiment_following(top_pos, top_neg, targets, 1) == pytest.approx(0.5)
   assert prefs.sentiment_following(top_pos, top_pos, targets, 2) == 0.0
   assert np.isnan(prefs.sentiment_following(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), 1))
+
+
+def test_benchmark_splits_become_seqio_tasks(bench, regen_dir, tmp_path):
+  import shutil
+  import seqio
+  from recjax.data import converters
+  from test_item_tasks import import_tasks
+  tasks = import_tasks()
+  data = tmp_path / "regen"
+  shutil.copytree(regen_dir, data)
+  prefs.save_benchmark(bench, data, "ground_truth")
+  names = tasks.register_dataset_tasks("pt_regen", data)
+  try:
+    axes = ["recommendation", "fine_steering", "coarse_steering", "sentiment", "consolidation"]
+    assert {f"pt_regen_pref_{a}" for a in axes} | {"pt_regen_pref_mix"} <= set(names)
+    task = seqio.get_mixture_or_task("pt_regen_pref_recommendation")
+    vocab = task.output_features["preferences"].vocabulary
+    assert vocab.table == ("", *bench.preferences)
+    split = bench.splits["test_recommendation"]
+    exs = list(task.get_dataset(None, split="test", shuffle=False).as_numpy_iterator())
+    assert len(exs) == len(split["target"])
+    for r in (0, 7, len(exs) - 1):  # history then target; statement ids shifted by one
+      h = split["history"][r]
+      np.testing.assert_array_equal(exs[r]["items"], [*h[h > 0], split["target"][r]])
+      p = split["preferences"][r]
+      np.testing.assert_array_equal(exs[r]["preferences"], p[p >= 0] + 1)
+      assert vocab.table[exs[r]["preferences"][0]] == bench.preferences[p[0]]
+    # Sentiment's test split holds the positive rows, then the aligned negative ones.
+    senti = list(seqio.get_mixture_or_task("pt_regen_pref_sentiment").get_dataset(
+        None, split="test", shuffle=False).as_numpy_iterator())
+    n = len(bench.splits["test_sentiment_positive"]["target"])
+    assert [e["sign"] for e in senti] == [1.0] * n + [-1.0] * n
+    # The item-sequence eval converter holds out the target, as for every other task.
+    conv = converters.ItemSequenceEvalConverter()
+    batch = next(conv(task.get_dataset(None, split="test", shuffle=False), {"items": 20}).batch(4)
+                 .as_numpy_iterator())
+    np.testing.assert_array_equal(batch["target"], split["target"][:4])
+    mix = seqio.get_mixture_or_task("pt_regen_pref_mix")
+    rates = {t.name: mix.get_rate(t) for t in mix.tasks}
+    assert rates["pt_regen_pref_recommendation"] == len(bench.splits["train"]["target"])
+  finally:
+    tasks.unregister_dataset_tasks("pt_regen")
+  assert not [n for n in seqio.TaskRegistry.names() if n.startswith("pt_regen_")]
