@@ -261,6 +261,10 @@ def test_cloze_converter_reuses_rows_with_the_same_masks_per_epoch(task):
   fresh = iterator(name, num_epochs=3)
   fresh.restore(states[per_epoch + 2])
   assert_same(list(fresh), batches[per_epoch + 2:])
+  # A position saved by a converting iterator names the switch that resumes it.
+  plain_state = iterator(name, num_epochs=3, reuse_rows=False).state()
+  with pytest.raises(ValueError, match="reuse_rows=False"):
+    iterator(name, num_epochs=3).restore(plain_state)
 
 
 def test_to_global(stream):

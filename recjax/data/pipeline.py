@@ -331,8 +331,11 @@ class DataIterator:
     mine["reuse_rows"] = True if self._reuse else None
     diff = {k: (state.get(k), v) for k, v in mine.items() if _jsonish(state.get(k)) != _jsonish(v)}
     if diff:
+      hint = (" (the saved run converted every epoch: build the iterator with reuse_rows=False, e.g. "
+              "--gin.loop.train.reuse_rows=False)" if set(diff) == {"reuse_rows"} and not state.get("reuse_rows")
+              else "")
       raise ValueError("cannot resume the data iterator: it is configured differently from the saved state "
-                       f"(saved, now): {diff}")
+                       f"(saved, now): {diff}{hint}")
     self._epoch, self._step = int(state["epoch"]), int(state["step"])
     self._it = None
 

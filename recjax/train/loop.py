@@ -273,11 +273,13 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
           mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES,
           optimizer: Callable = make_optimizer, log_every: int = 50, checkpoint_every: int = 500,
           keep_checkpoints: int = 3, pack: bool = True, progress: bool = True,
-          stop_after_steps: int | None = None) -> dict[str, Any]:
+          stop_after_steps: int | None = None, reuse_rows: bool | None = None) -> dict[str, Any]:
   """Trains `model` on a SeqIO task; resumes from MODEL_DIR. Returns the last metrics.
 
   `stop_after_steps` ends this invocation early (with a checkpoint) without changing
-  the schedule, as a preemption would; tests use it.
+  the schedule, as a preemption would; tests use it. `reuse_rows`: see
+  `pipeline.DataIterator` (None = automatic; False resumes a run whose data position was
+  saved while its rows were converted every epoch).
   """
   from recjax.data import pipeline
 
@@ -290,7 +292,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
   converter = net_model.feature_converter(pack=pack, seed=seed)
   data = pipeline.DataIterator(mixture_or_task_name, split="train", feature_converter=converter,
                                task_feature_lengths=task_feature_lengths, batch_size=batch_size,
-                               shuffle=True, seed=seed)
+                               shuffle=True, seed=seed, reuse_rows=reuse_rows)
   checkpointer = ckpt_lib.Checkpointer(model_dir, keep=keep_checkpoints)
   # Operative config: every binding actually used so far (model, optimizer, mesh, train).
   config = {"gin": gin.operative_config_str(), "param_shapes": trainer.param_shapes,
