@@ -27,7 +27,7 @@ def toy_split(n: int, seed: int, sign: float = 1.0) -> dict:
   """Random histories; the target is a fixed item per preference (2 + 5 * p)."""
   rng = np.random.default_rng(seed)
   history = np.zeros((n, 6), np.int32)
-  lens = rng.integers(1, 6, n)
+  lens = rng.integers(1, 7, n)  # up to 6: longer than max_items 5
   for r, m in enumerate(lens):
     history[r, :m] = rng.integers(2, NUM_ITEMS + 2, m)
   prefs = np.full((n, 2), -1, np.int32)
@@ -69,6 +69,11 @@ def test_model_examples_layouts(setup):
   m = mender.model_examples(split, sids.tokens, mender.MenderEmb(vocab_size=sids.vocab_size, embed_dim=DIM,
                                                                  num_preferences=3, **sizes))
   assert m["history"].shape == (10, 5) and m["preferences"].shape == (10, 3)
+  for r in range(10):  # the most recent 5 real items, still oldest first and right-padded
+    real = split["history"][r][split["history"][r] > 0]
+    np.testing.assert_array_equal(m["history"][r], np.pad(real[-5:], (0, 5 - len(real[-5:]))))
+  np.testing.assert_array_equal(mender.recent_items(np.array([[5, 6, 7, 8, 9, 10], [5, 0, 0, 0, 0, 0]]), 3),
+                                [[8, 9, 10], [5, 0, 0]])
   assert (m["preferences"][:, 2] == -1).all() and (m["preferences"][:, 0] == split["preferences"][:, 0]).all()
   np.testing.assert_array_equal(m["targets"], sids.tokens[split["target"]])
 

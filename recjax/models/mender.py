@@ -116,14 +116,20 @@ class MenderEmb(tiger.Tiger):
 # -- data ---------------------------------------------------------------------------------
 
 
+def recent_items(history: np.ndarray, m: int) -> np.ndarray:
+  """The most recent m items of each right-padded history (oldest first), right-padded to m."""
+  h = np.asarray(history)
+  lengths = (h > 0).sum(1)
+  idx = np.maximum(lengths - m, 0)[:, None] + np.arange(m)
+  out = np.take_along_axis(np.pad(h, ((0, 0), (0, m))), idx, 1)
+  return np.where(np.arange(m) < np.minimum(lengths, m)[:, None], out, 0)
+
+
 def model_examples(split: dict, item_tokens: np.ndarray, model: tiger.Tiger) -> dict[str, np.ndarray]:
   """A benchmark split (`recjax.evaluation.preferences`: history, preferences, target, sign)
   -> the arrays `model` trains and evaluates on (TIGER: semantic-ID tokens of the history,
   preferences unused; Mender_Emb: item and preference ids)."""
-  history = np.asarray(split["history"])[:, -model.max_items:] if split["history"].shape[1] > model.max_items \
-      else np.asarray(split["history"])
-  if history.shape[1] < model.max_items:
-    history = np.pad(history, ((0, 0), (0, model.max_items - history.shape[1])))
+  history = recent_items(split["history"], model.max_items)
   target = np.asarray(split["target"], np.int64)
   out = {"targets": item_tokens[target].astype(np.int32), "target_items": target.astype(np.int32),
          "weights": np.ones(len(target), np.float32), "sign": np.asarray(split["sign"], np.float32)}
