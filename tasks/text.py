@@ -7,7 +7,9 @@ Per dataset `ds`:
   ds_reat_retrieval, ds_reat_ranking, ds_reat_rating (sources with ratings), ds_reat_mim,
   ds_reat_mlm, ds_reat_bpr
   ds_lumen_<narrative>, ds_narrative_<narrative> for each narrative the source has
-    (purchase_reason, explanation, brief_summary, long_summary, profile, endorsement)
+    (purchase_reason, explanation, brief_summary, long_summary, profile, endorsement);
+    with critiques also ds_lumen_<narrative>_no_critiques (the same examples, critiques
+    left out of the prompt)
   mixtures ds_reat, ds_raat, ds_rpat (ratings only), ds_ut, ds_ut_at
 """
 
@@ -121,6 +123,12 @@ def register(dataset_name: str, data_dir, *, spm_model: str | None = None,
       split = "users split 80/10/10" if per_user else "leave-one-out"
       DESCRIPTIONS[name] = _ABOUT[kind].format(narrative.replace("_", " ")) + f" ({split})"
       names.append(name)
+      if critiques and kind == "lumen":  # REGEN Tables 4/5 compare with and without critiques
+        name += "_no_critiques"
+        _add_task(name, source=source, output_features=features, metric_fns=[],
+                  preprocessors=_pipeline(data_dir, step, narrative=narrative, critiques=False))
+        DESCRIPTIONS[name] = DESCRIPTIONS[name[:-len("_no_critiques")]].replace(" and critiques", "")
+        names.append(name)
 
   for mixture, families in MIXTURES.items():
     if mixture == "rpat" and "rating" not in reat:

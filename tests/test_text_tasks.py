@@ -102,7 +102,9 @@ HISTORY_AB = "Item ID: I2, Title: Red Pen; Item ID: I3, Title: Blue Pen"
 def test_task_names(tiny, tmp_path):
   name, names, _ = tiny
   reat = [f"{name}_reat_{f}" for f in ("retrieval", "ranking", "rating", "mim", "mlm", "bpr")]
-  regen = [f"{name}_{k}_{n}" for n in ("purchase_reason", "profile", "endorsement") for k in ("lumen", "narrative")]
+  regen = [f"{name}_{k}_{n}" for n in ("purchase_reason", "profile", "endorsement")
+           for k in ("lumen", "narrative")]
+  regen += [f"{name}_lumen_{n}_no_critiques" for n in ("purchase_reason", "profile", "endorsement")]
   mixtures = [f"{name}_{m}" for m in ("reat", "raat", "rpat", "ut", "ut_at")]
   assert sorted(names) == sorted(reat + regen + mixtures)
   raat = seqio.get_mixture_or_task(f"{name}_raat")
@@ -263,6 +265,12 @@ def test_golden_endorsement_is_per_step(tiny):
   assert examples(name, "validation") == []  # c has no endorsement
   test = examples(name, "test")
   assert [int(e["user_id"]) for e in test] == [0] and list(test[0]["targets_item_ids"]) == [5]
+  # The no-critique variant: the same example, the critique left out of the prompt.
+  plain = examples(name + "_no_critiques")
+  assert plain[0]["inputs_pretokenized"] == (
+      "Shopping history, oldest first: Item: <item> Red Pen (Pens). "
+      "Recommend the next item and write an endorsement of it for the user.")
+  assert plain[0]["targets_pretokenized"] == train[0]["targets_pretokenized"]
   ex = examples(tiny[0] + "_narrative_endorsement", "test")[0]
   assert ex["inputs_pretokenized"].endswith(
       "The next item is Item: <item> Stapler (Tools). Write an endorsement of it for the user.")
@@ -460,7 +468,7 @@ def test_every_task_and_mixture_packs(synthetic, key):
   # on a source without critiques / narratives (its mixtures are the same code).
   name, names, _ = synthetic[key]
   if key == "synthetic_regen":
-    assert len(names) == 6 + 12 + 5
+    assert len(names) == 6 + 12 + 6 + 5  # ReAT, lumen + narrative, lumen without critiques, mixtures
   else:
     names = [n for n in names if "_reat_" in n]
   lengths = {"inputs": 1024, "targets": 256}
