@@ -206,10 +206,30 @@ class T5Encoder(nnx.Module):
 
 
 def _load_weights(model: T5Encoder, tensors: dict, directory) -> None:
-  """Fills the (abstract) encoder from Hugging Face T5 names; torch Linear weights are
-  [out, in], ours [in, out]."""
+  """Fills the (abstract) encoder from Hugging Face T5 names; every tensor must be used."""
+  assign_encoder(model, tensors, directory)
+  ckpt.check_consumed(tensors, model, directory)
+
+
+def assign_linear(dense: nnx.Linear, tensors: dict, name: str, directory) -> None:
+  """torch Linear weights are [out, in], ours [in, out]."""
+  ckpt.assign(dense.kernel, ckpt.take(tensors, name + ".weight", directory).T, name)
+
+
+def assign_ffn(ffn: T5FeedForward, tensors: dict, prefix: str, directory) -> None:
+  """`prefix` ends in 'DenseReluDense.'; Hugging Face's gated FFN is act(wi_0 x) * wi_1 x."""
+  if ffn.wi_gate is None:
+    assign_linear(ffn.wi, tensors, prefix + "wi", directory)
+  else:
+    assign_linear(ffn.wi, tensors, prefix + "wi_0", directory)
+    assign_linear(ffn.wi_gate, tensors, prefix + "wi_1", directory)
+  assign_linear(ffn.wo, tensors, prefix + "wo", directory)
+
+
+def assign_encoder(model: T5Encoder, tensors: dict, directory) -> None:
+  """Pops the encoder's tensors (and `shared.weight`) from `tensors` into the model."""
   take = lambda name: ckpt.take(tensors, name, directory)
-  linear = lambda dense, name: ckpt.assign(dense.kernel, take(name + ".weight").T, name)
+  linear = lambda dense, name: assign_linear(dense, tensors, name, directory)
   embed = "encoder.embed_tokens.weight" if "encoder.embed_tokens.weight" in tensors else "shared.weight"
   ckpt.assign(model.embed.embedding, take(embed), embed)
   tensors.pop("shared.weight", None)  # tied copy of encoder.embed_tokens
@@ -221,16 +241,9 @@ def _load_weights(model: T5Encoder, tensors: dict, directory) -> None:
       name = f"{p}0.SelfAttention.relative_attention_bias.weight"
       ckpt.assign(block.attention.relative_bias.embedding, take(name), name)
     ckpt.assign(block.attention_norm.scale, take(f"{p}0.layer_norm.weight"), f"{p}0.layer_norm")
-    ff = f"{p}1.DenseReluDense."
-    if block.ffn.wi_gate is None:
-      linear(block.ffn.wi, ff + "wi")
-    else:  # Hugging Face: act(wi_0 x) * wi_1 x
-      linear(block.ffn.wi, ff + "wi_0")
-      linear(block.ffn.wi_gate, ff + "wi_1")
-    linear(block.ffn.wo, ff + "wo")
+    assign_ffn(block.ffn, tensors, f"{p}1.DenseReluDense.", directory)
     ckpt.assign(block.ffn_norm.scale, take(f"{p}1.layer_norm.weight"), f"{p}1.layer_norm")
   ckpt.assign(model.final_norm.scale, take("encoder.final_layer_norm.weight"), "encoder.final_layer_norm")
-  ckpt.check_consumed(tensors, model, directory)
 
 
 class T5Tokenizer:
