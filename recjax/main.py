@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "evaluates it against a popularity baseline with full ranking, exports it and "
                      "re-evaluates the export; then trains FLARE with critiques "
                      "(gin/experiments/quickstart_flare.gin), runs the critiquing evaluation and "
-                     "shows one user's recommendations with and without a critique. --gin.NAME=VALUE "
-                     "overrides apply to every step of the first model (not to FLARE).")
+                     "shows one user's recommendations with and without a critique; last, a small "
+                     "LUMEN model (recommends and writes the endorsement) and one conversation from it. "
+                     "--gin.NAME=VALUE overrides apply to every step of the first model (not to FLARE).")
   p.add_argument("--workdir", default="runs/default", help="where data, checkpoints and exports go")
   p.add_argument("--num_users", type=int, default=DEFAULT_SYNTH["num_users"])
   p.add_argument("--num_items", type=int, default=DEFAULT_SYNTH["num_items"])
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="FLARE training steps (default: the gin file's TRAIN_STEPS); 0 skips FLARE")
   p.add_argument("--flare_batch_size", type=int, default=None,
                  help="FLARE batch size (default: the gin file's BATCH_SIZE)")
+  p.add_argument("--lumen_steps", type=int, default=300,
+                 help="training steps of the small LUMEN model (0 skips the conversational example)")
   p.set_defaults(func=cmd_main)
 
   p = sub.add_parser("synth", help="write a synthetic dataset in Amazon 2018 and REGEN formats",
@@ -251,26 +254,34 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--batch_size", type=int, default=128)
   _add_seq2seq_args(q)
   q.set_defaults(func=cmd_mender)
-  q = sub.add_parser("lumen", help="REGEN: LUMEN (item + narrative in one LM) vs the LM of FLARE + LLM",
+  q = sub.add_parser("lumen", help="REGEN: LUMEN (item + narrative in one LM), FLARE + LLM's LM, soft-prompt fusion",
                      description="Trains a Gemma-architecture LM with an item head (recjax/models/lumen.py) "
-                     "on a REGEN-format dataset's ds_lumen_* tasks (with and without critiques) and on its "
-                     "ds_narrative_* tasks (the true next item given: FLARE + LLM's upper bound); reports "
-                     "Recall/NDCG@10 and MRR over the catalogue and BLEU / ROUGE / MiniLM similarity per "
-                     "narrative type. JSON lines (--log) and a table.")
-  q.add_argument("--data", required=True, help="prepared REGEN-format dataset directory")
+                     "on a REGEN-format dataset's ds_lumen_* tasks (with and without critiques), its "
+                     "ds_narrative_* tasks (the true next item given: FLARE + LLM's upper bound) and the "
+                     "'Beyond Retrieval' soft-prompt ablations; reports Recall/NDCG@10 and MRR over the "
+                     "catalogue and BLEU / ROUGE / MiniLM similarity per narrative type (docs/lumen.md). "
+                     "Three steps, run together or apart: prepare (SeqIO -> --examples_dir), train + "
+                     "generate (JAX only: can run on an accelerator machine), score.")
+  q.add_argument("--data", default=None, help="prepared REGEN-format dataset directory (prepares examples)")
+  q.add_argument("--examples_dir", default=None, help="prepared examples (default: DATA/lumen_examples)")
+  q.add_argument("--prepare_only", action="store_true", help="write the examples and stop")
+  q.add_argument("--score", default=None, metavar="JSONL",
+                 help="score the kept outputs of an earlier run (JSON lines) and print the table")
+  q.add_argument("--text_metrics", action=argparse.BooleanOptionalAction, default=True,
+                 help="narrative metrics after generation (--no-text_metrics: keep outputs, score later)")
   q.add_argument("--dataset", default="regen", help="name its tasks are registered under")
   q.add_argument("--narratives", default="endorsement,purchase_reason,explanation,brief_summary",
                  help="comma-separated narrative types, trained together (one instruction each)")
   q.add_argument("--settings", default="lumen,lumen_no_critiques,narrative",
                  help="comma-separated: lumen, lumen_no_critiques, narrative, and the 'Beyond Retrieval' "
                  "soft-prompt ablations fusion_text, fusion_cf, fusion_content, fusion_cf_content, "
-                 "fusion_cf_content_linear (WALS + sentence-embedding soft tokens; docs/lumen.md)")
+                 "fusion_cf_content_linear (WALS + sentence-embedding soft tokens)")
   q.add_argument("--steps", type=int, default=1000)
   q.add_argument("--batch_size", type=int, default=32)
   q.add_argument("--learning_rate", type=float, default=3e-3)
   q.add_argument("--eval_limit", type=int, default=500, help="test examples per narrative type")
-  q.add_argument("--inputs_length", type=int, default=256)
-  q.add_argument("--targets_length", type=int, default=64)
+  q.add_argument("--inputs_length", type=int, default=None, help="prompt tokens (default 256)")
+  q.add_argument("--targets_length", type=int, default=None, help="target tokens (default 96)")
   q.add_argument("--hidden_size", type=int, default=128)
   q.add_argument("--num_layers", type=int, default=4)
   q.add_argument("--num_heads", type=int, default=4)
@@ -481,19 +492,46 @@ def cmd_mender(args) -> None:
 
 
 def cmd_lumen(args) -> None:
+  import json  # pylint: disable=g-import-not-at-top
   from recjax.models import lumen  # pylint: disable=g-import-not-at-top
+  if args.score:
+    from recjax.models.text import load_text_encoder  # pylint: disable=g-import-not-at-top
+    rows = [json.loads(line) for line in pathlib.Path(args.score).read_text().splitlines() if line.strip()]
+    rows = lumen.score(rows, load_text_encoder("minilm"))
+    for row in rows if args.log else ():
+      lumen._append(args.log, row)  # pylint: disable=protected-access
+    print(lumen.format_results(rows))
+    return
   split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())
   settings = split(args.settings)
   unknown = set(settings) - set(lumen.SETTINGS)
   if unknown:
     raise UsageError(f"--settings: unknown {sorted(unknown)}; choose from {', '.join(lumen.SETTINGS)}")
-  results = lumen.run(args.data, dataset=args.dataset, narratives=split(args.narratives), settings=settings,
-                      steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                      eval_limit=args.eval_limit, log_path=args.log, inputs_length=args.inputs_length,
-                      targets_length=args.targets_length, hidden_size=args.hidden_size,
-                      num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-                      head_dim=args.head_dim, mlp_dim=args.mlp_dim)
-  print(lumen.format_results(results))
+  if args.data is None and args.examples_dir is None:
+    raise UsageError("give --data (to prepare examples), --examples_dir (prepared ones) or --score")
+  examples = pathlib.Path(args.examples_dir or pathlib.Path(args.data) / "lumen_examples")
+  sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+               num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, mlp_dim=args.mlp_dim)
+  if args.data is not None:
+    lengths = {"inputs_length": args.inputs_length or 256, "targets_length": args.targets_length or 96}
+    lumen.prepare(args.data, examples, dataset=args.dataset, narratives=split(args.narratives), settings=settings,
+                  eval_limit=args.eval_limit, **lengths, **sizes)
+    if args.prepare_only:
+      print(f"examples of {', '.join(settings)} -> {examples}")
+      return
+  for name in ("inputs_length", "targets_length"):  # given again: must match the prepared examples
+    if getattr(args, name) is not None:
+      sizes[name] = getattr(args, name)
+  encoder = None
+  if args.text_metrics:
+    from recjax.models.text import load_text_encoder  # pylint: disable=g-import-not-at-top
+    encoder = load_text_encoder("minilm")
+  results = lumen.run(examples, settings=settings, steps=args.steps, batch_size=args.batch_size,
+                      learning_rate=args.learning_rate, log_path=args.log, encoder=encoder, **sizes)
+  if args.text_metrics:
+    print(lumen.format_results(results))
+  else:
+    print(f"{len(results)} settings trained; outputs kept for `recjax lumen --score`")
 
 
 def cmd_tiger(args) -> None:
@@ -743,6 +781,8 @@ def cmd_main(args) -> None:
     raise ValueError("the export did not reproduce the checkpoint's metrics")
   if args.flare_steps != 0:
     _main_flare(args, work)
+  if args.lumen_steps:
+    _main_lumen(args, work)
   print(f"main job done in {time.time() - start:.1f}s")
 
 
@@ -764,6 +804,33 @@ def _main_flare(args, work: pathlib.Path) -> None:
   # The first test user, whatever its recommendations: a sample, not a showcase.
   print()
   gin_cli.run_entrypoint("infer", args, [*bindings, "infer_lib.infer.user = 0", "infer_lib.infer.top_k = 5"])
+
+
+def _main_lumen(args, work: pathlib.Path) -> None:
+  """The main job's conversational example: a small LUMEN (recjax/models/lumen.py) trained on
+  the REGEN endorsements with critiques; one test user whose last request was a critique:
+  history and critique, the recommended items, the generated endorsement."""
+  from recjax.models import lumen  # pylint: disable=g-import-not-at-top
+  data = work / "prepared" / "synthetic_regen"
+  examples = work / "lumen"
+  sizes = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, mlp_dim=256)
+  print(f"\ntraining LUMEN ({args.lumen_steps} steps): next item + endorsement in one LM, critiques in the prompt")
+  lumen.prepare(data, examples, dataset="synthetic_regen", narratives=("endorsement",), settings=("lumen",),
+                eval_limit=200, inputs_length=128, targets_length=48, **sizes)
+  titles = _item_titles(data)
+  vocabulary = lumen.SentencePieceText(examples / "spm.model")
+
+  def show(setting, model, test, generated, top_items):
+    # A critique of the target comes after the last history item, right before the instruction.
+    texts = [vocabulary.decode(row) for row in test["tokens"]]
+    asked = [i for i, text in enumerate(texts) if "User:" in text[text.rfind("Item:"):]]
+    row = asked[0] if asked else 0
+    print(f"\nuser {int(test['user'][row])} (test split), one conversation:")
+    print(lumen.conversation(model, test, row, vocabulary, generated[row], top_items[row], titles))
+
+  rows = lumen.run(examples, steps=args.lumen_steps, batch_size=16, learning_rate=3e-3, callback=show, **sizes)
+  items = rows[0]["items"]
+  print(f"LUMEN test items (200 users): Recall@10 {items['recall@10']:.4f}, NDCG@10 {items['ndcg@10']:.4f}")
 
 
 def main(argv=None) -> int:

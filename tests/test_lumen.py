@@ -180,14 +180,30 @@ def test_build_examples_and_the_command(synthetic_prepared, tmp_path, capsys):
   assert (narrative["item_targets"] == 0).all() and (narrative["text_weights"][:, :li] == 0).all()
 
   log = tmp_path / "lumen.jsonl"
+  flags = ["--steps", "3", "--batch_size", "4", "--hidden_size", "16", "--num_layers", "1", "--num_heads", "2",
+           "--head_dim", "8", "--mlp_dim", "32"]
+  examples = tmp_path / "examples"
   assert main(["lumen", "--data", str(data), "--dataset", "lumen_c", "--narratives", "endorsement",
-               "--settings", "lumen,narrative", "--steps", "3", "--batch_size", "4", "--eval_limit", "8",
-               "--inputs_length", "96", "--targets_length", "48", "--hidden_size", "16", "--num_layers", "1",
-               "--num_heads", "2", "--head_dim", "8", "--mlp_dim", "32", "--log", str(log)]) == 0
+               "--settings", "lumen,narrative", "--eval_limit", "8", "--inputs_length", "96",
+               "--targets_length", "48", "--examples_dir", str(examples), "--log", str(log), *flags]) == 0
   table = capsys.readouterr().out
   assert "lumen " in table and "narrative " in table and "endorsement" in table
   rows = [json.loads(line) for line in log.read_text().splitlines()]
   assert [r["setting"] for r in rows] == ["lumen", "narrative"]
   assert rows[0]["items"]["count"] == 8 and "items" not in rows[1]
   assert set(rows[0]["narratives"]["lumen_c_lumen_endorsement"]) >= {"bleu", "rouge1", "rougeL", "similarity"}
+  assert len(rows[0]["outputs"]) == 8
+  # Train + generate from the prepared examples alone (no SeqIO), score afterwards.
+  raw, scored = tmp_path / "raw.jsonl", tmp_path / "scored.jsonl"
+  assert main(["lumen", "--examples_dir", str(examples), "--settings", "narrative", "--no-text_metrics",
+               "--log", str(raw), *flags]) == 0
+  kept = json.loads(raw.read_text())
+  assert "narratives" not in kept and len(kept["outputs"]) == 8
+  assert main(["lumen", "--score", str(raw), "--log", str(scored)]) == 0
+  again = json.loads(scored.read_text())
+  assert again["narratives"]["lumen_c_narrative_endorsement"]["count"] == 8
+  # Sizes may change between prepare and run; shapes of the prepared data may not.
+  assert main(["lumen", "--examples_dir", str(examples), "--settings", "lumen", "--inputs_length", "64",
+               *flags]) == 2
+  assert main(["lumen", "--examples_dir", str(examples), "--settings", "fusion_cf", *flags]) == 2
   assert main(["lumen", "--data", str(data), "--settings", "lumen,bogus"]) == 2

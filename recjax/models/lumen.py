@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from recjax.data import vocab as item_vocab
 from recjax.models import layers
+from recjax.models.bert4rec import NUM_RESERVED  # PAD, MASK: no TensorFlow in the model
 from recjax.models.text import gemma
 
 log = logging.getLogger("recjax.lumen")
@@ -79,7 +79,7 @@ class LumenNetwork(nnx.Module):
   def item_logits(self, hidden):
     """float32 [..., num_items]; the reserved ids (PAD, MASK) are never recommended."""
     logits = self.items.attend(hidden).astype(jnp.float32)
-    reserved = jnp.arange(self.num_items) < item_vocab.NUM_RESERVED
+    reserved = jnp.arange(self.num_items) < NUM_RESERVED
     return jnp.where(reserved, -jnp.inf, logits)
 
 
@@ -120,6 +120,8 @@ class Lumen:
                        "'content' or 'cf+content', and 'mlp' or 'linear'")
     if parts and self.soft_tokens < 1:
       raise ValueError("Lumen.soft_prompt needs soft_tokens >= 1")
+    if self.id_position and self.soft_tokens:
+      raise ValueError("soft prompts are for the narrative tasks (id_position 0)")
 
   @property
   def soft_parts(self) -> tuple[str, ...]:
@@ -127,8 +129,9 @@ class Lumen:
 
   @property
   def prefix(self) -> int:
-    """Slots before the text prompt (the soft tokens)."""
-    return self.soft_tokens if self.soft_parts else 0
+    """Slots before the text prompt: the soft tokens, masked out when the model uses none
+    (so settings with and without soft prompts share their examples)."""
+    return self.soft_tokens
 
   @property
   def targets_start(self) -> int:
@@ -146,7 +149,7 @@ class Lumen:
     return self.prefix + self.inputs_length + self.targets_length
 
   def network(self, rngs: nnx.Rngs) -> LumenNetwork:
-    if self.vocab_size <= 2 or self.num_items <= item_vocab.NUM_RESERVED:
+    if self.vocab_size <= 2 or self.num_items <= NUM_RESERVED:
       raise ValueError(f"Lumen needs vocab_size and num_items from the data, got {self.vocab_size}, "
                        f"{self.num_items}")
     soft_dim = sum({"cf": self.cf_dim, "content": self.content_dim}[p] for p in self.soft_parts)
@@ -168,10 +171,16 @@ class Lumen:
     if not self.item_embeddings:
       items = jnp.zeros_like(items)
     x = net.input_vectors(tokens, items)
-    if self.prefix:
+    if self.soft_parts:
       soft = net.soft_tokens(self.soft_features(batch["frozen"], batch)).astype(x.dtype)
       x = jnp.concatenate([soft, x[:, self.prefix:]], 1)
     return x
+
+  def attention_mask(self, batch, stop: int | None = None):
+    mask = batch["mask"][:, :stop]
+    if self.prefix and not self.soft_parts:
+      mask = mask.at[:, :self.prefix].set(0)
+    return mask
 
   def loss_fn(self, net: LumenNetwork, batch, rng):
     """Mean cross-entropy over target tokens, the ID counting as one token scored by the
@@ -179,7 +188,7 @@ class Lumen:
     del rng
     li, tokens = self.targets_start, batch["tokens"]
     x = self.input_vectors(net, batch)
-    hidden = net.lm.hidden_states(inputs_embeds=x, mask=batch["mask"])
+    hidden = net.lm.hidden_states(inputs_embeds=x, mask=self.attention_mask(batch))
     logits = net.lm.logits(hidden[:, li - 1:-1])  # predicts the target slots
     targets = tokens[:, li:]
     w = batch["text_weights"][:, li:].astype(jnp.float32) * batch["weights"][:, None]
@@ -320,8 +329,8 @@ def fusion_tables(data_dir, *, cf_dim: int = 64, encoder="minilm", seed: int = 0
   users, items, num_users, vocab = wals.train_interactions(data_dir)
   model = wals.fit(users, items, num_users=num_users, num_items=vocab,
                    config=wals.WALSConfig(dim=cf_dim, seed=seed), track_loss=False)
-  cf = wals.normalize_by_mean_norm(model.item_factors, rows=np.arange(item_vocab.NUM_RESERVED, vocab))
-  cf[:item_vocab.NUM_RESERVED] = 0
+  cf = wals.normalize_by_mean_norm(model.item_factors, rows=np.arange(NUM_RESERVED, vocab))
+  cf[:NUM_RESERVED] = 0
   item_text, _ = rqvae.item_embeddings(data_dir, encoder, log=log_fn)
   table = PreparedDataset(data_dir).sequences(["items", "reviews"]).to_pydict()
   flat_items = np.asarray([i for seq in table["items"] for i in seq], np.int64)
@@ -372,7 +381,7 @@ def id_position(task_name: str, vocabulary, placeholder_id: int) -> int:
 
 def evaluate(model: Lumen, net: LumenNetwork, examples: dict, vocabulary, *, encoder=None,
              ks=(10,), batch_size: int = 64, max_new_tokens: int | None = None,
-             return_outputs: bool = False, frozen: dict | None = None) -> dict:
+             return_outputs: bool = False, frozen: dict | None = None, text_metrics: bool = True) -> dict:
   """Item metrics (full ranking over the catalogue, nothing excluded: REGEN's setting) and
   narrative metrics per task. LUMEN rows: the item logits after "ID:" rank the catalogue,
   the top item is fed back and the narrative is decoded greedily after it. Narrative rows
@@ -391,7 +400,7 @@ def evaluate(model: Lumen, net: LumenNetwork, examples: dict, vocabulary, *, enc
   def run(params, frozen, batch):
     net = nnx.merge(graphdef, params)
     x = model.input_vectors(net, dict(batch, frozen=frozen), stop=prompt_len)
-    mask = batch["mask"][:, :prompt_len]
+    mask = model.attention_mask(batch, prompt_len)
     if p:
       hidden = net.lm.hidden_states(inputs_embeds=x, mask=mask)[:, -1]
       logits = net.item_logits(hidden)
@@ -427,10 +436,11 @@ def evaluate(model: Lumen, net: LumenNetwork, examples: dict, vocabulary, *, enc
   by_task = collections.defaultdict(list)
   for i, task in enumerate(examples["task"]):
     by_task[str(task)].append(i)
-  out["narratives"] = {}
-  for task, rows in sorted(by_task.items()):
-    refs = [str(examples["reference"][i]) for i in rows]
-    out["narratives"][task] = narratives.narrative_metrics([generated[i] for i in rows], refs, encoder=encoder)
+  if text_metrics:
+    out["narratives"] = {task: narratives.narrative_metrics([generated[i] for i in rows],
+                                                            [str(examples["reference"][i]) for i in rows],
+                                                            encoder=encoder)
+                         for task, rows in sorted(by_task.items())}
   tops = np.concatenate(tops) if tops else None
   out["samples"] = [{"task": str(examples["task"][i]), "generated": generated[i],
                      "reference": str(examples["reference"][i]),
@@ -458,12 +468,13 @@ NARRATIVE_TYPES = ("endorsement", "purchase_reason", "explanation", "brief_summa
 # setting -> (task kind, task suffix, Lumen overrides). The fusion_* settings are "Beyond
 # Retrieval" (its Table 1): the narrative tasks with soft prompts and no learned item
 # vectors, so collaborative signal reaches the LM only through the soft tokens.
-_FUSION = {"item_embeddings": False, "soft_tokens": 20}
+_SOFT = {"soft_tokens": 20}  # every narrative setting: one set of examples serves them all
+_FUSION = {**_SOFT, "item_embeddings": False}
 SETTING_SPECS = {
     "lumen": ("lumen", "", {}),
     "lumen_no_critiques": ("lumen", "_no_critiques", {}),
-    "narrative": ("narrative", "", {}),
-    "fusion_text": ("narrative", "", {"item_embeddings": False}),
+    "narrative": ("narrative", "", _SOFT),
+    "fusion_text": ("narrative", "", _FUSION),
     "fusion_cf": ("narrative", "", {**_FUSION, "soft_prompt": "cf"}),
     "fusion_content": ("narrative", "", {**_FUSION, "soft_prompt": "content"}),
     "fusion_cf_content": ("narrative", "", {**_FUSION, "soft_prompt": "cf+content"}),
@@ -493,39 +504,53 @@ def adapter_norm_split(model: Lumen, net: LumenNetwork, examples: dict, frozen: 
 
 def format_results(results: list[dict]) -> str:
   """One line per (setting, narrative type): item metrics, then narrative metrics."""
-  head = f"{'setting':<20} {'narrative':<16} {'R@10':>7} {'NDCG@10':>8} {'MRR':>7} {'BLEU':>6} {'R-1':>6} {'R-2':>6} {'R-L':>6} {'sim':>6}"
+  head = f"{'setting':<25} {'narrative':<16} {'R@10':>7} {'NDCG@10':>8} {'MRR':>7} {'BLEU':>6} {'R-1':>6} {'R-2':>6} {'R-L':>6} {'sim':>6}"
   lines = [head, "-" * len(head)]
   for r in results:
     items = r.get("items")
     item_cols = (f"{items['recall@10']:>7.4f} {items['ndcg@10']:>8.4f} {items['mrr']:>7.4f}" if items
                  else f"{'-':>7} {'-':>8} {'-':>7}")
-    for task, m in r["narratives"].items():
+    for task, m in r.get("narratives", {}).items():
       kind = task.split("_lumen_", 1)[-1].split("_narrative_", 1)[-1].replace("_no_critiques", "")
-      lines.append(f"{r['setting']:<20} {kind:<16} {item_cols} {m['bleu']:>6.2f} {m['rouge1']:>6.2f} "
+      lines.append(f"{r['setting']:<25} {kind:<16} {item_cols} {m['bleu']:>6.2f} {m['rouge1']:>6.2f} "
                    f"{m['rouge2']:>6.2f} {m['rougeL']:>6.2f} {m.get('similarity', float('nan')):>6.3f}")
   lines.append("(items: LUMEN's ID position, full ranking, nothing excluded; narrative: the true next item given)")
   return "\n".join(lines)
 
 
-def run(data_dir, *, dataset: str = "regen", narratives=NARRATIVE_TYPES, steps: int = 1000,
-        batch_size: int = 32, learning_rate: float = 3e-3, settings=SETTINGS,
-        eval_limit: int | None = 500, log_path=None, seed: int = 0, **model_kwargs) -> list[dict]:
-  """Trains and evaluates, per setting, one model on the chosen narrative types of a
-  prepared REGEN-format dataset: "lumen" (item + narrative, critiques in the prompt),
-  "lumen_no_critiques", "narrative" (FLARE + LLM's LM: the true next item given) and the
-  fusion_* soft-prompt ablations (`SETTING_SPECS`). Returns one result dict per setting
-  (also appended to `log_path` as JSON lines)."""
+class SentencePieceText:
+  """Decodes ids with the tasks' SentencePiece model file alone (no seqio / TensorFlow), so
+  training and generation can run where only JAX is installed."""
+
+  def __init__(self, model_file):
+    import sentencepiece
+    self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+
+  def decode(self, ids) -> str:
+    size = self.sp.get_piece_size()
+    return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size])
+
+
+def prepare(data_dir, examples_dir, *, dataset: str = "regen", narratives=NARRATIVE_TYPES,
+            settings=SETTINGS, eval_limit: int | None = 500, seed: int = 0, **model_kwargs) -> pathlib.Path:
+  """Everything that needs SeqIO / TensorFlow / the sentence encoder, written to
+  `examples_dir`: per task kind `KIND.train.npz` / `KIND.test.npz` (compressed), per setting
+  its Lumen fields (meta.json), the fusion tables, the SentencePiece model.
+  `run(examples_dir)` then needs JAX only."""
+  import shutil
   import seqio
   from recjax.data import preprocessors as P
   from recjax.data.prepared import PreparedDataset
-  from recjax.models import tiger
-  from recjax.models.text import load_text_encoder
   from recjax.tasks import text as text_tasks
+  out = pathlib.Path(examples_dir)
+  out.mkdir(parents=True, exist_ok=True)
   text_tasks.register(dataset, data_dir)
   vocabulary = P.text_vocabulary(str(PreparedDataset(data_dir).data_dir))
   placeholder = P.item_placeholder_id(vocabulary)
-  encoder = load_text_encoder("minilm")
-  results, tables = [], None
+  shutil.copyfile(vocabulary.sentencepiece_model_file, out / "spm.model")
+  meta = {"data_dir": str(data_dir), "dataset": dataset, "narratives": list(narratives), "settings": {},
+          "data": {}}
+  tables = None
   for setting in settings:
     names = setting_tasks(dataset, setting, narratives)
     missing = [n for n in names if n not in seqio.TaskRegistry.names()]
@@ -534,32 +559,127 @@ def run(data_dir, *, dataset: str = "regen", narratives=NARRATIVE_TYPES, steps: 
     model = Lumen(vocab_size=vocabulary.vocab_size, num_items=PreparedDataset(data_dir).vocab_size,
                   id_position=id_position(names[0], vocabulary, placeholder),
                   **{**model_kwargs, **SETTING_SPECS[setting][2]})
-    frozen, offsets = {}, None
+    if model.soft_parts and tables is None:  # WALS + sentence embeddings: once, shared
+      tables = fusion_tables(data_dir, cf_dim=model.cf_dim, seed=seed, log_fn=log.info)
+      # float16 storage halves what travels; the model reads float32 (`run`).
+      np.savez(out / "fusion_tables.npz", **{k: v[0].astype(np.float16) for k, v in tables.items()})
+    kind, suffix, _ = SETTING_SPECS[setting]
+    data = f"{kind}{suffix}"  # settings of one task kind share their examples
+    if data not in meta["data"]:
+      offsets = interaction_index(data_dir) if model.prefix else None
+      for split, limit in (("train", None), ("test", eval_limit)):
+        ex = build_examples(names, split, model, placeholder_id=placeholder, limit=limit, interactions=offsets)
+        _save_examples(out / f"{data}.{split}.npz", ex)
+      meta["data"][data] = {"tasks": names, "model": dataclasses.asdict(model)}
+    meta["settings"][setting] = {"tasks": names, "data": data, "model": dataclasses.asdict(model)}
+  (out / "meta.json").write_text(json.dumps(meta, indent=1))
+  return out
+
+
+def run(examples_dir, *, settings=None, steps: int = 1000, batch_size: int = 32, learning_rate: float = 3e-3,
+        log_path=None, seed: int = 0, encoder=None, callback=None, **model_kwargs) -> list[dict]:
+  """Trains and evaluates one model per setting from `prepare`'s directory ("lumen": item +
+  narrative with critiques in the prompt, "lumen_no_critiques", "narrative": FLARE + LLM's LM
+  given the true next item, and the fusion_* soft-prompt ablations of `SETTING_SPECS`).
+  `model_kwargs` override the prepared Lumen fields that do not change the data (sizes).
+  Narrative metrics need `encoder` (a sentence encoder) or are left to `score`; the
+  generated texts are kept in each row's "outputs". `callback(setting, model, test,
+  generated, top_items)` sees each setting's outputs (e.g. to show one conversation).
+  Returns one row per setting (appended to `log_path` as JSON lines)."""
+  from recjax.models import tiger
+  root = pathlib.Path(examples_dir)
+  meta = json.loads((root / "meta.json").read_text())
+  vocabulary = SentencePieceText(root / "spm.model")
+  results = []
+  for setting in settings or list(meta["settings"]):
+    if setting not in meta["settings"]:
+      raise ValueError(f"{root}: setting {setting!r} was not prepared (prepared: {sorted(meta['settings'])})")
+    spec = meta["settings"][setting]
+    fields = dict(spec["model"])
+    data_fields = ("vocab_size", "num_items", "inputs_length", "targets_length", "id_position", "soft_tokens",
+                   "soft_prompt", "item_embeddings", "adapter", "cf_dim", "content_dim")
+    clash = [k for k in model_kwargs if k in data_fields and model_kwargs[k] != fields[k]]
+    if clash:
+      raise ValueError(f"{clash} shape the prepared examples: prepare again to change them")
+    model = Lumen(**{**fields, **model_kwargs})
+    load = lambda split: _load_examples(root / f"{spec['data']}.{split}.npz")
+    train, test = load("train"), load("test")
+    frozen = {}
     if model.soft_parts:
-      if tables is None:  # WALS + sentence embeddings: once per run, shared by the settings
-        tables = fusion_tables(data_dir, cf_dim=model.cf_dim, encoder=encoder, seed=seed, log_fn=log.info)
-      frozen = {k: tables[k] for k in model.soft_parts}
-      offsets = interaction_index(data_dir)
-    train = build_examples(names, "train", model, placeholder_id=placeholder, interactions=offsets)
-    test = build_examples(names, "test", model, placeholder_id=placeholder, limit=eval_limit,
-                          interactions=offsets)
+      tables = np.load(root / "fusion_tables.npz")
+      frozen = {"cf": (tables["cf"].astype(np.float32), ("item", None)),
+                "content": (tables["content"].astype(np.float32), (None, None))}
+      frozen = {k: frozen[k] for k in model.soft_parts}
     start = time.perf_counter()
     trainer, state, history = tiger.train_tiger(model, train, steps=steps, batch_size=batch_size, seed=seed,
                                                 learning_rate=learning_rate, warmup_steps=min(100, steps // 10),
                                                 frozen_inputs=frozen)
     train_s = time.perf_counter() - start
     net = trainer.network(state.params)
-    scores = evaluate(model, net, test, vocabulary, encoder=encoder, frozen=trainer.frozen)
+    scores = evaluate(model, net, test, vocabulary, encoder=encoder, frozen=trainer.frozen, return_outputs=True,
+                      text_metrics=encoder is not None)
     if model.adapter == "linear" and model.soft_parts == ("cf", "content"):
       scores["norm_split"] = adapter_norm_split(model, net, test, {k: v[0] for k, v in frozen.items()})
-    row = {"setting": setting, "tasks": names, "train_rows": len(train["weights"]),
+    generated, top_items = scores.pop("generated"), scores.pop("top_items")
+    if callback:
+      callback(setting, model, test, generated, top_items)
+    row = {"setting": setting, "tasks": spec["tasks"], "train_rows": len(train["weights"]),
            "test_rows": len(test["weights"]), "steps": steps, "batch_size": batch_size,
-           "train_seconds": round(train_s, 1), "final_loss": history[-1]["loss"],
-           "model": dataclasses.asdict(model), **scores}
+           "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / steps, 4),
+           "final_loss": history[-1]["loss"], "device": str(jax.devices()[0].device_kind),
+           "model": dataclasses.asdict(model), **scores,
+           "outputs": [{"task": str(t), "generated": g, "reference": str(r)}
+                       for t, g, r in zip(test["task"], generated, test["reference"])]}
     log.info("lumen %s: %s", setting, {k: row[k] for k in ("items", "train_seconds") if k in row})
     results.append(row)
     if log_path:
-      pathlib.Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-      with open(log_path, "a") as f:
-        f.write(json.dumps(row, default=float) + "\n")
+      _append(log_path, row)
   return results
+
+
+def conversation(model: Lumen, test: dict, row: int, vocabulary, generated: str, top_items, titles) -> str:
+  """One test row as a conversation: the prompt (history, critique), the recommended items
+  and the generated narrative, next to the held-out item and the reference."""
+  li = model.targets_start
+  prompt = vocabulary.decode([t for t in test["tokens"][row, model.prefix:li] if t > 1])
+  truth = int(test["item_targets"][row])
+  lines = [f"prompt: {prompt}", "recommended (top 5):"]
+  lines += [f"  {'*' if int(i) == truth else ' '} {int(i):>6}  {titles.get(int(i), '?')}" for i in top_items[:5]]
+  lines += [f"generated: {generated}", f"held-out item: {truth}  {titles.get(truth, '?')}",
+            f"reference: {test['reference'][row]}"]
+  return "\n".join(lines)
+
+
+def score(rows: list[dict], encoder) -> list[dict]:
+  """Narrative metrics per task from each row's kept "outputs" (rows from `run`)."""
+  from recjax.evaluation import narratives
+  for row in rows:
+    by_task = collections.defaultdict(lambda: ([], []))
+    for o in row["outputs"]:
+      by_task[o["task"]][0].append(o["generated"])
+      by_task[o["task"]][1].append(o["reference"])
+    row["narratives"] = {t: narratives.narrative_metrics(g, r, encoder=encoder) for t, (g, r) in sorted(by_task.items())}
+  return rows
+
+
+# Narrow storage: the examples travel (e.g. to an accelerator machine) and are mostly padding.
+_STORE = {"tokens": np.uint16, "item_ids": np.uint16, "mask": np.uint8, "text_weights": np.uint8,
+          "item_targets": np.uint16, "soft_items": np.uint16, "soft_rows": np.int32}
+
+
+def _save_examples(path, ex: dict) -> None:
+  for k, dtype in _STORE.items():
+    if np.iinfo(dtype).max < ex[k].max(initial=0):
+      raise ValueError(f"{k} values up to {ex[k].max()} do not fit {np.dtype(dtype).name}")
+  np.savez_compressed(path, **{k: v.astype(_STORE[k]) if k in _STORE else v for k, v in ex.items()})
+
+
+def _load_examples(path) -> dict:
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k].astype(np.int32) if k in _STORE else f[k] for k in f.files}
+
+
+def _append(path, row: dict) -> None:
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    f.write(json.dumps(row, default=float) + "\n")
