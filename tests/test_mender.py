@@ -1,5 +1,6 @@
-"""Mender_Emb: the preference decides the target where the history cannot; negatives
-(sign -1) push their ID's likelihood down; model_examples' layouts (tiny sizes)."""
+"""Mender_Emb and Mender_Tok: the preference decides the target where the history cannot;
+negatives (sign -1) push their ID's likelihood down; model_examples' layouts; Mender_Tok's
+text rendering and its on-disk token-state cache (tiny sizes)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from recjax.evaluation import preferences as prefs_lib
 from recjax.models import beam_search as bs
 from recjax.models import mender, rqvae, tiger
 
@@ -115,6 +117,7 @@ def test_mender_command_reports_every_axis(synthetic_prepared, with_random_ids):
   import sys
   data = with_random_ids(synthetic_prepared["synthetic_regen"])
   cmd = [sys.executable, "-m", "recjax.main", "mender", "--data", str(data), "--ids", "rand", "--steps", "10",
+         "--models", "tiger,mender_emb,mender_emb_extras,mender_tok", "--text_length", "16",
          "--batch_size", "32", "--d_model", "16", "--d_kv", "8", "--num_heads", "2", "--d_ff", "32",
          "--num_layers", "1", "--num_beams", "10", "--held_out", "test_fine_steering,test_coarse_steering",
          "--benchmark", "steer"]
@@ -125,7 +128,12 @@ def test_mender_command_reports_every_axis(synthetic_prepared, with_random_ids):
   assert data_row["held_out"] == ["test_fine_steering", "test_coarse_steering"]
   assert (data / "preference_benchmark" / "steer.npz").is_file()
   tests = {r["model"]: r for r in rows if r.get("event") == "test"}
-  assert set(tests) == {"tiger", "mender_emb", "mender_emb_extras"}
+  assert set(tests) == {"tiger", "mender_emb", "mender_emb_extras", "mender_tok"}
+  text = next(r for r in rows if r.get("event") == "text")
+  # One text per distinct example of the train and test splits (not valid_recommendation).
+  assert text["rows"]["train"] == data_row["splits"]["train"] and "valid_recommendation" not in text["rows"]
+  assert 0 < text["texts"] <= sum(text["rows"].values()) and not text["cached"]
+  assert len(list((data / "text_cache").glob("text-*/states.npy"))) == 1
   for r in tests.values():
     for axis in ("recommendation", "fine_steering", "coarse_steering", "consolidation"):
       assert r[axis]["count"] == data_row["splits"][f"test_{axis}"] > 0
@@ -135,3 +143,81 @@ def test_mender_command_reports_every_axis(synthetic_prepared, with_random_ids):
   bad = subprocess.run(cmd[:-4] + ["--held_out", "all", "--benchmark", "steer", "--steps", "1"],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ))
   assert bad.returncode != 0 and "holds out" in bad.stderr
+
+
+# -- Mender_Tok ---------------------------------------------------------------------------
+
+STATEMENTS = ["Likes kitchen tools", "Prefers red items", "Avoid wool", "Trusts Acme"]
+
+
+@pytest.fixture(scope="module")
+def tok_setup(tmp_path_factory):
+  from recjax.models import text as text_lib
+  sids = make_sids(NUM_ITEMS)
+  titles = ["", ""] + [f"gadget {w} model" for w in _WORDS[:NUM_ITEMS]]
+  encoder = text_lib.load_text_encoder("minilm")
+  sizes = dict(max_items=5, d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layers=1)
+  model = mender.MenderTok(vocab_size=sids.vocab_size, text_length=24, text_dim=encoder.dim, num_preferences=2,
+                           **sizes)
+  bench = prefs_lib.Benchmark(preferences=STATEMENTS, pref_embeddings=np.zeros((PREFS, 1), np.float32),
+                              item_embeddings=np.zeros((NUM_ITEMS + 2, 1), np.float32),
+                              splits={"train": toy_split(512, 0), "test_recommendation": toy_split(64, 1)})
+  cache_dir = tmp_path_factory.mktemp("text_cache")
+  built = mender.tok_text_table(bench, titles, model, encoder, cache_dir, ["train", "test_recommendation"])
+  return sids, titles, encoder, model, bench, cache_dir, built
+
+
+_WORDS = ("apple banana cherry delta echo falcon garnet harbor indigo jasper kiwi lemon mango nectar olive "
+          "pepper quartz raven saffron tulip umber violet walnut xenon yarrow zinnia amber basil cedar dune").split()
+
+
+def test_tok_text_puts_the_newest_items_first_and_truncates_the_oldest(tok_setup):
+  _, titles, encoder, model, _, _, _ = tok_setup
+  split = {"history": np.array([[2, 3, 4, 5, 6, 7, 0]]), "preferences": np.array([[1, 3]])}
+  text, = mender.render_texts(split, STATEMENTS, titles, max_items=5, num_preferences=2)
+  # max_items keeps the 5 most recent (item 2 is dropped), listed newest first.
+  assert text == ("Preference: Prefers red items; Trusts Acme. History: gadget falcon model; gadget echo model; "
+                  "gadget delta model; gadget cherry model; gadget banana model")
+  one, = mender.render_texts(split, STATEMENTS, titles, max_items=5, num_preferences=1)
+  assert one.startswith("Preference: Prefers red items. History:")
+  # Token truncation (text_length) then loses the oldest titles, never the preference or the newest.
+  ids, _ = encoder.tokenize([text], model.text_length)
+  word = lambda w: encoder.tokenize([w], 3)[0][0, 1]
+  assert word("falcon") in ids and word("red") in ids and word("banana") not in ids
+
+
+def test_tok_text_cache_is_reused(tok_setup, monkeypatch):
+  _, titles, encoder, model, bench, cache_dir, (tok_bench, frozen, info) = tok_setup
+  assert not info["cached"] and info["rows"] == {"train": 512, "test_recommendation": 64}
+  # One row per distinct text: equal texts share a row.
+  texts = mender.render_texts(bench.splits["train"], STATEMENTS, titles, max_items=5, num_preferences=2)
+  assert info["texts"] == len(set(texts + mender.render_texts(bench.splits["test_recommendation"], STATEMENTS,
+                                                              titles, max_items=5, num_preferences=2)))
+  assert frozen["tok_states"][0].shape == (info["texts"], 24, encoder.dim)
+  monkeypatch.setattr(encoder, "encode", lambda *a, **k: pytest.fail("re-encoded a cached text table"))
+  # Another split order reads the same entry (texts are deduplicated and sorted).
+  again, frozen2, info2 = mender.tok_text_table(bench, titles, model, encoder, cache_dir,
+                                                ["test_recommendation", "train"])
+  assert info2["cached"] and len(list(cache_dir.glob("text-*"))) == 1
+  np.testing.assert_array_equal(again.splits["train"]["text"], tok_bench.splits["train"]["text"])
+  np.testing.assert_array_equal(np.asarray(frozen2["tok_states"][0]), np.asarray(frozen["tok_states"][0]))
+
+
+def test_tok_the_preference_text_steers_the_generated_item(tok_setup):
+  sids, _, _, model, _, _, (tok_bench, frozen, _) = tok_setup
+  got, _, _ = _train_eval(model, sids, tok_bench.splits["train"], tok_bench.splits["test_recommendation"], frozen)
+  assert got["recall@1"] > 0.95, got
+
+
+def test_tok_with_and_without_the_trainable_encoder(tok_setup):
+  import dataclasses
+  from flax import nnx
+  sids, _, _, model, _, _, (tok_bench, frozen, _) = tok_setup
+  assert model.network(nnx.Rngs(0)).encoder is None  # the default: no unused encoder weights
+  bare = dataclasses.replace(model, trainable_encoder=True)
+  net = bare.network(nnx.Rngs(0))
+  assert net.encoder is not None
+  batch = {"text": tok_bench.splits["train"]["text"][:2], "frozen": {k: v for k, (v, _) in frozen.items()}}
+  memory, mask = bare.memory(net, batch)
+  assert memory.shape == (2, 24, 32) and np.isfinite(np.asarray(memory)).all()
+  np.testing.assert_array_equal(mask, np.asarray(frozen["tok_mask"][0])[batch["text"]])

@@ -526,6 +526,9 @@ class SentencePieceText:
     import sentencepiece
     self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
 
+  def encode(self, text: str) -> list[int]:
+    return list(self.sp.encode(text))
+
   def decode(self, ids) -> str:
     size = self.sp.get_piece_size()
     return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size])

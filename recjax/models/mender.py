@@ -17,8 +17,17 @@ paper's negative preference data) by down-weighting the target ID's likelihood, 
 sequence-level unlikelihood -log(1 - p(ID)), which is bounded (pushing log p itself down
 is not) and vanishes once the ID is unlikely.
 
-`recjax mender` (`run`) trains TIGER (no preferences) and Mender_Emb on the same
-preference-discerning benchmark and reports its five axes.
+Mender_Tok: the preference(s) and the history's item titles, newest first, are one text
+("Preference: ... History: title_n; title_{n-1}; ..."; truncation to `text_length` tokens
+drops the oldest titles), encoded by a frozen pretrained language encoder (the bundled
+MiniLM, or any BERT / T5 checkpoint directory). Its token states are computed once per
+distinct text, cached on disk (`recjax.models.text.cache`, keyed by content hash) and
+gathered inside the step; a trainable projection (optionally + a small trainable T5
+encoder, `trainable_encoder`) turns them into the decoder's cross-attention memory. It sees
+no semantic-ID tokens of the history.
+
+`recjax mender` (`run`) trains TIGER (no preferences), Mender_Emb and Mender_Tok on the
+same preference-discerning benchmark and reports its five axes.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pathlib
 import time
 
 import jax
@@ -35,6 +45,7 @@ from flax import nnx
 
 from recjax.models import layers
 from recjax.models import tiger
+from recjax.models.text import t5
 
 log = logging.getLogger("recjax.mender")
 
@@ -113,6 +124,61 @@ class MenderEmb(tiger.Tiger):
                   "items": jnp.sum(w)}
 
 
+class MenderTokNetwork(tiger.TigerNetwork):
+  def __init__(self, *, text_dim: int, trainable_encoder: bool, cfg, rngs: nnx.Rngs, **kwargs):
+    super().__init__(cfg=cfg, rngs=rngs, **kwargs)
+    self.text_proj = layers.dense(text_dim, cfg.d_model, ("text_embed", "embed"), rngs=rngs)
+    self.text_norm = t5.RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
+    if not trainable_encoder:  # the projected states are the memory: no unused encoder weights
+      self.encoder = None
+
+
+@dataclasses.dataclass
+class MenderTok(tiger.Tiger):
+  """Mender_Tok hyper-parameters: TIGER's decoder, plus the language-encoder inputs."""
+
+  text_encoder: str = "minilm"  # "minilm" (bundled) or a Hugging Face BERT / T5 checkpoint directory
+  text_length: int = 64  # tokens per text: the statement + ~3 newest synthetic titles (MiniLM tokens)
+  text_dim: int = 0  # the encoder's width, set from the loaded encoder
+  text_cache_dir: str | None = None  # default: <prepared dataset>/text_cache
+  num_preferences: int = 5  # statements rendered per example
+  # A T5 encoder (num_layers) over the projected frozen states. Off by default: on steer_senti
+  # (docs/results.md) it was no better and took 2.7x the training time.
+  trainable_encoder: bool = False
+  negative_weight: float = 1.0  # as MenderEmb
+
+  batch_fields = ("text", "targets", "weights", "sign")
+  loss_fn = MenderEmb.loss_fn  # same signed objective: uses only logits and negative_weight
+
+  @property
+  def encoder_length(self) -> int:
+    return self.text_length
+
+  def network(self, rngs: nnx.Rngs) -> MenderTokNetwork:
+    if self.vocab_size <= 2:
+      raise ValueError(f"MenderTok.vocab_size must be the semantic-ID vocabulary, got {self.vocab_size}")
+    if self.text_dim <= 0:
+      raise ValueError("MenderTok.text_dim is unset: pass the text encoder's width (encoder.dim)")
+    return MenderTokNetwork(text_dim=self.text_dim, trainable_encoder=self.trainable_encoder,
+                            vocab_size=self.vocab_size, encoder_vocab_size=self.encoder_vocab_size,
+                            id_length=self.id_length, cfg=self.t5_config(), rngs=rngs)
+
+  @staticmethod
+  def frozen_tables(states: np.ndarray, mask: np.ndarray) -> dict:
+    """Trainer frozen inputs: the token states [U, T, D] (stored dtype, e.g. float16) and
+    mask [U, T] of every distinct text; batch["text"] indexes their rows."""
+    return {"tok_states": (states, (None, None, None)), "tok_mask": (np.asarray(mask, bool), (None, None))}
+
+  def memory(self, net: MenderTokNetwork, batch):
+    frozen = batch["frozen"]
+    states = jnp.take(frozen["tok_states"], batch["text"], axis=0).astype(jnp.float32)
+    mask = jnp.take(frozen["tok_mask"], batch["text"], axis=0).astype(jnp.int32)
+    x = net.text_proj(states)
+    if net.encoder is not None:
+      return net.encoder.encode_embeddings(x, mask), mask
+    return net.text_norm(x), mask
+
+
 # -- data ---------------------------------------------------------------------------------
 
 
@@ -128,12 +194,17 @@ def recent_items(history: np.ndarray, m: int) -> np.ndarray:
 def model_examples(split: dict, item_tokens: np.ndarray, model: tiger.Tiger) -> dict[str, np.ndarray]:
   """A benchmark split (`recjax.evaluation.preferences`: history, preferences, target, sign)
   -> the arrays `model` trains and evaluates on (TIGER: semantic-ID tokens of the history,
-  preferences unused; Mender_Emb: item and preference ids)."""
+  preferences unused; Mender_Emb: item and preference ids; Mender_Tok: the row of its text
+  in the token-state table, `tok_text_table`)."""
   history = recent_items(split["history"], model.max_items)
   target = np.asarray(split["target"], np.int64)
   out = {"targets": item_tokens[target].astype(np.int32), "target_items": target.astype(np.int32),
          "weights": np.ones(len(target), np.float32), "sign": np.asarray(split["sign"], np.float32)}
-  if isinstance(model, MenderEmb):
+  if isinstance(model, MenderTok):
+    if "text" not in split:
+      raise ValueError("Mender_Tok needs each split's text row index: build it with tok_text_table")
+    out.update(text=np.asarray(split["text"], np.int32))
+  elif isinstance(model, MenderEmb):
     prefs = np.asarray(split["preferences"], np.int32)[:, :model.num_preferences]
     if prefs.shape[1] < model.num_preferences:
       prefs = np.pad(prefs, ((0, 0), (0, model.num_preferences - prefs.shape[1])), constant_values=-1)
@@ -142,6 +213,52 @@ def model_examples(split: dict, item_tokens: np.ndarray, model: tiger.Tiger) -> 
     tokens = np.where(history[..., None] > 0, item_tokens[history], 0).reshape(len(history), -1)
     out.update(encoder_tokens=tokens.astype(np.int32), encoder_mask=(tokens > 0).astype(np.int32))
   return out
+
+
+def render_texts(split: dict, statements, titles, *, max_items: int, num_preferences: int) -> list[str]:
+  """One text per row: "Preference: s1; s2. History: title_n; title_{n-1}; ..." with the
+  history newest first, so truncating the tokens drops the oldest items."""
+  history = recent_items(split["history"], max_items)
+  prefs = np.asarray(split["preferences"])[:, :num_preferences]
+  out = []
+  for h, p in zip(history, prefs):
+    said = "; ".join(statements[i].strip().rstrip(".") for i in p if i >= 0)
+    names = "; ".join(titles[i].strip() or f"item {i}" for i in h[h > 0][::-1])
+    out.append(f"Preference: {said}. History: {names}" if said else f"History: {names}")
+  return out
+
+
+def item_titles(data_dir) -> list[str]:
+  """The title of every item id ("" for PAD, MASK and items without one)."""
+  from recjax.data.prepared import PreparedDataset
+  ds = PreparedDataset(data_dir)
+  titles = [""] * ds.vocab_size
+  for r in ds.items(["item_id", "title"]).to_pylist():
+    titles[r["item_id"]] = " ".join((r["title"] or "").split())
+  return titles
+
+
+def tok_text_table(bench, titles, model: MenderTok, encoder, cache_dir, split_names) -> tuple:
+  """(bench with a "text" row index in each of `split_names`, frozen tables, info).
+
+  The texts of those splits are deduplicated and sorted (the cache key does not depend on
+  split order or on which models run), then encoded once and cached on disk."""
+  from recjax.models.text import cache
+  texts = {n: render_texts(bench.splits[n], bench.preferences, titles, max_items=model.max_items,
+                           num_preferences=model.num_preferences) for n in split_names}
+  unique = sorted({t for ts in texts.values() for t in ts})
+  index = {t: i for i, t in enumerate(unique)}
+  key = cache.cache_key(encoder, unique, model.text_length, "float16")
+  cached = (pathlib.Path(cache_dir) / f"text-{key}" / "states.npy").is_file()
+  t0 = time.perf_counter()
+  states, mask = cache.encode_strings_cached(encoder, unique, model.text_length, cache_dir, dtype="float16")
+  splits = dict(bench.splits)
+  for n in split_names:
+    splits[n] = dict(splits[n], text=np.array([index[t] for t in texts[n]], np.int32))
+  info = {"rows": {n: len(t) for n, t in texts.items()}, "texts": len(unique), "cached": cached,
+          "length": model.text_length, "mean_tokens": round(float(mask.sum(1).mean()), 1),
+          "at_max_length": round(float(mask[:, -1].mean()), 3), "seconds": round(time.perf_counter() - t0, 1)}
+  return dataclasses.replace(bench, splits=splits), MenderTok.frozen_tables(states, mask), info
 
 
 def concat_splits(*splits: dict) -> dict:
@@ -214,17 +331,25 @@ def load_or_build_benchmark(data_dir, name: str = "ground_truth", held_out: tupl
   return bench
 
 
+MODELS = ("tiger", "mender_emb", "mender_emb_extras", "mender_tok", "mender_tok_extras")
+
+
 def run(data_dir, *, ids: str = "rqvae", benchmark: str = "ground_truth", held_out: tuple[str, ...] | None = None,
         steps: int = 2000, batch_size: int = 128, learning_rate: float = 1e-3, num_beams: int = 20, seed: int = 0,
-        models: tuple[str, ...] = ("tiger", "mender_emb", "mender_emb_extras"), **sizes) -> list[dict]:
+        models: tuple[str, ...] = ("tiger", "mender_emb", "mender_emb_extras"), text_encoder: str = "minilm",
+        text_length: int = 64, text_cache_dir: str | None = None, tok_trainable_encoder: bool = False,
+        **sizes) -> list[dict]:
   """`recjax mender`: train each model on the benchmark's training data and report every
-  axis. tiger = no preferences; mender_emb = preference-conditioned on "train";
-  mender_emb_extras = + the steering and sentiment (positive / negative) training data."""
+  axis. tiger = no preferences; mender_emb / mender_tok = preference-conditioned on
+  "train"; *_extras = + the steering and sentiment (positive / negative) training data.
+  Mender_Tok's texts (train, extras and test splits) are encoded once by `text_encoder`
+  and cached under `text_cache_dir` (default DATA/text_cache)."""
+  from recjax.evaluation import preferences as prefs_lib
   from recjax.models import beam_search as bs
   from recjax.models import rqvae
-  unknown = sorted(set(models) - {"tiger", "mender_emb", "mender_emb_extras"})
+  unknown = sorted(set(models) - set(MODELS))
   if unknown:
-    raise ValueError(f"unknown models {unknown}; choose from tiger, mender_emb, mender_emb_extras")
+    raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
   rows = []
 
   def emit(row):
@@ -239,19 +364,32 @@ def run(data_dir, *, ids: str = "rqvae", benchmark: str = "ground_truth", held_o
   emit({"event": "data", "benchmark": benchmark, "held_out": bench.stats.get("held_out_splits"),
         "splits": {k: int(len(v["target"])) for k, v in bench.splits.items()},
         "preferences": len(bench.preferences), "seconds": round(time.perf_counter() - t0, 1)})
+  tok_bench = tok_frozen = None
+  if any(m.startswith("mender_tok") for m in models):
+    from recjax.models import text as text_lib
+    t1 = time.perf_counter()
+    encoder = text_lib.load_text_encoder(text_encoder)
+    tok_model = MenderTok(vocab_size=sids.vocab_size, text_encoder=text_encoder, text_length=text_length,
+                          text_dim=encoder.dim, text_cache_dir=text_cache_dir,
+                          trainable_encoder=tok_trainable_encoder, **sizes)
+    needed = [n for n in ("train", *TRAIN_EXTRAS, *prefs_lib.TEST_SPLITS) if n in bench.splits]
+    tok_bench, tok_frozen, info = tok_text_table(bench, item_titles(data_dir), tok_model, encoder,
+                                                 text_cache_dir or pathlib.Path(data_dir) / "text_cache", needed)
+    emit({"event": "text", "encoder": encoder.name, **info, "total_seconds": round(time.perf_counter() - t1, 1)})
   for name in models:
+    source = bench
     if name == "tiger":
       model = tiger.Tiger(vocab_size=sids.vocab_size, **sizes)
-      train, frozen_in = bench.splits["train"], None
-    elif name in ("mender_emb", "mender_emb_extras"):
+      frozen_in = None
+    elif name.startswith("mender_emb"):
       model = MenderEmb(vocab_size=sids.vocab_size, embed_dim=bench.pref_embeddings.shape[1], **sizes)
-      parts = [bench.splits["train"]]
-      if name == "mender_emb_extras":
-        parts += [bench.splits[s] for s in TRAIN_EXTRAS if s in bench.splits]
-      train = concat_splits(*parts)
       frozen_in = MenderEmb.frozen_tables(bench.item_embeddings, bench.pref_embeddings, item_tokens)
     else:
-      raise AssertionError(name)
+      model, frozen_in, source = tok_model, tok_frozen, tok_bench
+    parts = [source.splits["train"]]
+    if name.endswith("_extras"):
+      parts += [source.splits[s] for s in TRAIN_EXTRAS if s in source.splits]
+    train = concat_splits(*parts)
     if name == "tiger":  # negatives are preference data: TIGER cannot condition on them
       train = {k: v[np.asarray(train["sign"]) > 0] for k, v in train.items()}
     examples = model_examples(train, item_tokens, model)
@@ -264,10 +402,10 @@ def run(data_dir, *, ids: str = "rqvae", benchmark: str = "ground_truth", held_o
     emit({"event": "train", "model": name, "examples": int(len(examples["weights"])), "steps": steps,
           "loss": round(history[-1]["loss"], 4), "seconds": round(time.perf_counter() - t1, 1)})
     t1 = time.perf_counter()
-    axes = evaluate_axes(model, net, bench, item_tokens, tables, frozen=trainer.frozen if frozen_in else None,
+    axes = evaluate_axes(model, net, source, item_tokens, tables, frozen=trainer.frozen if frozen_in else None,
                          num_beams=num_beams)
     emit({"event": "test", "model": name, **axes, "seconds": round(time.perf_counter() - t1, 1)})
   return rows
 
 
-__all__ = ["MenderEmb", "MenderNetwork", "model_examples", "evaluate_axes", "load_or_build_benchmark", "run"]
+__all__ = ["MenderEmb", "MenderNetwork", "MenderTok", "MenderTokNetwork", "render_texts", "tok_text_table", "model_examples", "evaluate_axes", "load_or_build_benchmark", "run"]

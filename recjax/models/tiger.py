@@ -298,10 +298,12 @@ def batches(examples: dict, batch_size: int, *, seed: int, fields=Tiger.batch_fi
 def train_tiger(model: Tiger, examples: dict, *, steps: int, batch_size: int = 256, seed: int = 0,
                 learning_rate: float = 1e-3, warmup_steps: int = 100, weight_decay: float = 0.0,
                 log_every: int = 100, callback: Callable[[int, dict], None] | None = None,
-                frozen_inputs: dict | None = None):
+                frozen_inputs: dict | None = None, init_params: Callable | None = None):
   """Trains with `recjax.train.loop.Trainer`'s jitted step on one host. Returns
   (trainer, state, history [{step, loss, accuracy, seconds}]). `frozen_inputs` as for the
-  Trainer (models whose memory reads frozen tables, e.g. Mender_Emb)."""
+  Trainer (models whose memory reads frozen tables, e.g. Mender_Emb); `init_params(params)`
+  replaces the fresh parameters (e.g. with a pretrained checkpoint's). Any model with
+  `network`, `loss_fn` and `batch_fields` trains here (TIGER, Mender, LUMEN, ReAT)."""
   from recjax.train import loop
   from recjax.train import mesh as mesh_lib
   opt = lambda total: loop.make_optimizer(total, learning_rate=learning_rate, warmup_steps=warmup_steps,
@@ -313,6 +315,10 @@ def train_tiger(model: Tiger, examples: dict, *, steps: int, batch_size: int = 2
   history, window, start = [], [], time.perf_counter()
   with jax.set_mesh(trainer.mesh):
     state = trainer.init_state()
+    if init_params is not None:
+      # Adam's moments start at zero whatever the values, so only the parameters change.
+      state = dataclasses.replace(state, params=jax.device_put(init_params(state.params),
+                                                               trainer.param_shardings))
     step_fn = trainer.make_train_step()
     for step in range(1, steps + 1):
       state, metrics = step_fn(state, trainer.to_global(next(data)))
