@@ -344,7 +344,6 @@ def fusion_tables(data_dir, *, cf_dim: int = 64, encoder="minilm", seed: int = 0
 
 def _review_embeddings(data_dir, encoder, reviews: list[str], log_fn) -> np.ndarray:
   """Sentence embeddings of the reviews (empty ones: zeros), each distinct text once, cached."""
-  import os
   from recjax.models import rqvae
   unique = sorted(set(r for r in reviews if r.strip()))
   path = rqvae.semantic_ids_dir(data_dir) / f"reviews-{rqvae._strings_key(encoder.fingerprint, unique)}.npy"
@@ -353,10 +352,7 @@ def _review_embeddings(data_dir, encoder, reviews: list[str], log_fn) -> np.ndar
   else:
     start = time.perf_counter()
     emb = rqvae.embed_by_length(encoder, unique) if unique else np.zeros((0, encoder.dim), np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.stem}-{os.getpid()}.npy"
-    np.save(tmp, emb)
-    os.replace(tmp, path)
+    rqvae.save_npy_atomic(path, emb)
     if log_fn:
       log_fn(f"embedded {len(unique):,} distinct reviews with {encoder.name} in "
              f"{time.perf_counter() - start:.0f}s -> {path}")

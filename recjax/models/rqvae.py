@@ -514,6 +514,14 @@ def _strings_key(fingerprint: str, strings: Sequence[str]) -> str:
   return cache.hash_strings({"kind": "sentence-embeddings", "version": 1, "encoder": fingerprint}, strings)
 
 
+def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+  """Writes beside `path` and renames: readers never see a partial cache file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".tmp-{path.stem}-{os.getpid()}.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
 def embed_by_length(encoder, texts: Sequence[str], chunk: int = 1024, batch_size: int = 256) -> np.ndarray:
   """`encoder.embed_sentences` over chunks of similar token length: each chunk is padded
   only to its own longest text (a few long titles would otherwise pad every batch)."""
@@ -543,10 +551,7 @@ def item_embeddings(data_dir, encoder="minilm", *, log: Callable[[str], None] | 
   start = time.perf_counter()
   emb = np.zeros((len(texts), encoder.dim), np.float32)
   emb[NUM_RESERVED_ITEMS:] = embed_by_length(encoder, texts[NUM_RESERVED_ITEMS:])
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".tmp-{path.stem}-{os.getpid()}.npy"
-  np.save(tmp, emb)
-  os.replace(tmp, path)
+  save_npy_atomic(path, emb)
   if log:
     log(f"embedded {len(texts) - NUM_RESERVED_ITEMS:,} item texts with {encoder.name} in "
         f"{time.perf_counter() - start:.0f}s -> {path}")

@@ -149,7 +149,7 @@ class Trainer:
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+      metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                      learning_rate=jnp.asarray(self.schedule(state.step), jnp.float32))
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
