@@ -185,3 +185,44 @@ def test_without_text_is_bert4rec():
   assert model.frozen_inputs("any_task") == {}
   net = model.network(nnx.Rngs(0))
   assert not hasattr(net, "perceiver")
+
+
+def test_sentence_table_is_the_masked_mean_normalised():
+  rng = np.random.default_rng(1)
+  states = rng.normal(size=(5, 4, 3)).astype(np.float16)
+  mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1]], bool)
+  out = flare.sentence_table(states, mask)
+  for v in range(5):
+    if not mask[v].any():
+      np.testing.assert_array_equal(out[v], 0.0)  # no text: a zero row, not NaN
+      continue
+    mean = states[v][mask[v]].astype(np.float32).mean(0)
+    np.testing.assert_allclose(out[v], mean / np.linalg.norm(mean), rtol=1e-5)
+
+
+def test_output_text_scores_items_by_their_sentence():
+  model, batch = _model_and_batch()
+  model = flare.Flare(**{**model.__dict__, "output_text": True})
+  frozen = dict(batch["frozen"])
+  frozen["item_sentence"] = jnp.asarray(flare.sentence_table(np.asarray(frozen["item_text"]),
+                                                            np.asarray(frozen["item_text_mask"])))
+  batch = dict(batch, frozen=frozen)
+  net = model.network(nnx.Rngs(0))
+  table, _ = model.output_table(net, frozen)
+  ids, _ = net.item_table()
+  np.testing.assert_allclose(np.asarray(table), np.asarray(ids + frozen["item_sentence"] @ net.text_out.kernel[...]),
+                             rtol=1e-5, atol=1e-7)
+  # Changing item 6's sentence moves item 6's logit and no other.
+  queries = jax.random.normal(jax.random.key(1), (3, 16))
+  base = model.score_logits(net, queries, frozen)
+  moved = dict(frozen, item_sentence=frozen["item_sentence"].at[6].add(1.0))
+  diff = np.abs(np.asarray(model.score_logits(net, queries, moved) - base))
+  assert diff[:, 6].min() > 0 and np.delete(np.nan_to_num(diff), 6, axis=1).max() == 0
+  # The projection is trained by the cloze loss, and the scorer needs the sentences.
+  graphdef, params = nnx.split(net, nnx.Param)
+  grads = jax.grad(lambda p: model.loss_fn(nnx.merge(graphdef, p), batch, None)[0])(params)
+  assert float(jnp.abs(grads["text_out"]["kernel"][...]).sum()) > 0
+  with pytest.raises(ValueError, match="item_sentence"):
+    model.output_table(net, {})
+  with pytest.raises(ValueError, match="use_text"):
+    flare.Flare(vocab_size=40, use_text=False, output_text=True)

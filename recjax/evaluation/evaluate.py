@@ -130,7 +130,7 @@ def params_scorer(net_model, trainer, params) -> Scorer:
       batch = dict(batch, frozen=params["frozen"])
     return net_model.queries(trainer.network(params["params"]), batch)
 
-  table, bias = jax.jit(lambda p: trainer.network(p).item_table())(params)
+  table, bias = jax.jit(lambda p: net_model.output_table(trainer.network(p["params"]), p["frozen"]))(full)
   return Scorer(queries_fn, full, table, bias, net_model.vocab_size, batch_sharding=trainer.batch_sharding)
 
 

@@ -138,9 +138,14 @@ class Bert4Rec:
     from recjax.data.converters import ItemSequenceEvalConverter
     return ItemSequenceEvalConverter()
 
-  def score_logits(self, net: Bert4RecNetwork, queries):
+  def output_table(self, net: Bert4RecNetwork, frozen=None):
+    """(embeddings [V, D], bias [V]) that queries are scored against, float32; subclasses
+    may build it from frozen inputs too (FLARE's `output_text`)."""
+    return net.item_table()
+
+  def score_logits(self, net: Bert4RecNetwork, queries, frozen=None):
     """Full-vocabulary logits (float32); PAD, MASK and table padding pushed to -inf."""
-    table, bias = net.item_table()
+    table, bias = self.output_table(net, frozen)
     logits = jnp.einsum("...d,vd->...v", queries, table.astype(queries.dtype),
                         preferred_element_type=jnp.float32) + bias
     ids = jnp.arange(logits.shape[-1])
@@ -171,7 +176,7 @@ class Bert4Rec:
   def cloze_loss(self, net: Bert4RecNetwork, hidden, batch):
     """(loss, metrics) of the cloze objective given the hidden states [B, L, D]."""
     queries, targets, w = self.gather_targets(net, hidden, batch)
-    logits = self.score_logits(net, queries)
+    logits = self.score_logits(net, queries, batch.get("frozen"))
     logz = jax.nn.logsumexp(logits, axis=-1)
     nll = logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)

@@ -166,13 +166,19 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
 
   def __init__(self, *, text_dim: int, use_text: bool, use_perceiver: bool, num_latents: int,
                perceiver_layers: int, perceiver_heads: int, perceiver_dim: int, rngs: nnx.Rngs,
-               project_tables: str = "auto", project_max_rows: int = 4096, **kwargs):
+               project_tables: str = "auto", project_max_rows: int = 4096, output_text: bool = False,
+               **kwargs):
     super().__init__(rngs=rngs, **kwargs)
     self.use_text, self.use_perceiver = use_text, use_perceiver
     self.project_tables, self.project_max_rows = project_tables, project_max_rows
     if not use_text:
       return
     dim, dtype = kwargs["dim"], kwargs["dtype"]
+    # output_text: the output table adds a projection of each item's sentence embedding to
+    # its ID embedding, so a query can reach items by what their text says (a critique's
+    # category) and not only through the IDs the history co-occurred with.
+    self.text_out = layers.dense(text_dim, dim, ("text_embed", "embed"), rngs=rngs, dtype=jnp.float32,
+                                 use_bias=False) if output_text else None
     init = nnx.initializers.truncated_normal(0.02)
     # theta_T, theta_S: the item-text and critique type embeddings; and the learned token
     # that stands in for the item text at masked positions.
@@ -241,6 +247,9 @@ class Flare(bert4rec.Bert4Rec):
   # per step instead of being gathered per position ("auto"); "always" / "never".
   project_tables: str = "auto"
   project_max_rows: int = 4096
+  # Score against e_k + W s_k (s_k: the item text's mean-pooled, normalised encoder states)
+  # instead of e_k alone; the ID-text InfoNCE still aligns e_k itself.
+  output_text: bool = False
 
   def __post_init__(self):
     if not 0.0 <= self.alpha <= 1.0:
@@ -249,6 +258,8 @@ class Flare(bert4rec.Bert4Rec):
       raise ValueError(f"Flare.temperature must be positive, got {self.temperature}")
     if self.project_tables not in ("auto", "always", "never"):
       raise ValueError(f"Flare.project_tables must be 'auto', 'always' or 'never', got {self.project_tables!r}")
+    if self.output_text and not self.use_text:
+      raise ValueError("Flare.output_text needs the item text: set use_text=True or output_text=False")
 
   def network(self, rngs: nnx.Rngs) -> FlareNetwork:
     if self.use_text and self.text_dim <= 0:
@@ -258,7 +269,7 @@ class Flare(bert4rec.Bert4Rec):
                         use_perceiver=self.use_perceiver, num_latents=self.num_latents,
                         perceiver_layers=self.perceiver_layers, perceiver_heads=self.perceiver_heads,
                         perceiver_dim=self.perceiver_dim, project_tables=self.project_tables,
-                        project_max_rows=self.project_max_rows, rngs=rngs)
+                        project_max_rows=self.project_max_rows, output_text=self.output_text, rngs=rngs)
 
   # -- frozen text states ---------------------------------------------------------------
 
@@ -271,11 +282,23 @@ class Flare(bert4rec.Bert4Rec):
                          critique_length=self.critique_length, cache_dir=self.text_cache_dir,
                          rows=self.padded_vocab_size)
     self.text_dim = int(arrays["item_text"].shape[-1])
+    if self.output_text:
+      arrays["item_sentence"] = sentence_table(arrays["item_text"], arrays["item_text_mask"])
     axes = {"item_text": ("item", None, None), "item_text_mask": ("item", None),
-            "critique_text": (None, None, None), "critique_text_mask": (None, None)}
+            "critique_text": (None, None, None), "critique_text_mask": (None, None),
+            "item_sentence": ("item", None)}
     return {k: (v, axes[k]) for k, v in arrays.items()}
 
   # -- model protocol --------------------------------------------------------------------
+
+  def output_table(self, net: FlareNetwork, frozen=None):
+    table, bias = net.item_table()
+    if not self.output_text:
+      return table, bias
+    if not frozen or "item_sentence" not in frozen:
+      raise ValueError("Flare.output_text scores against the item sentences: pass the frozen inputs "
+                       "(Flare.frozen_inputs builds 'item_sentence')")
+    return table + net.text_out(frozen["item_sentence"].astype(jnp.float32)), bias
 
   def _context(self, net: FlareNetwork, batch, *, deterministic: bool, rngs=None):
     if not self.use_text:
@@ -356,6 +379,16 @@ def text_states(task_name: str, *, encoder: str, item_length: int, critique_leng
     mask[0] = False  # id 0 = no critique
     out["critique_text"], out["critique_text_mask"] = states, mask
   return out
+
+
+def sentence_table(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """[V, Dt] float32: each row's mean over its real tokens, L2-normalised (the
+  sentence-transformers pooling); rows without tokens (PAD, MASK, padding) are zero."""
+  m = np.asarray(mask, np.float32)[..., None]
+  total = np.einsum("vtd,vt->vd", np.asarray(states, np.float32), m[..., 0])
+  mean = total / np.maximum(m.sum(1), 1.0)
+  norm = np.linalg.norm(mean, axis=-1, keepdims=True)
+  return np.where(norm > 0, mean / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

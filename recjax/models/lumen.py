@@ -346,7 +346,7 @@ def _review_embeddings(data_dir, encoder, reviews: list[str], log_fn) -> np.ndar
   """Sentence embeddings of the reviews (empty ones: zeros), each distinct text once, cached."""
   from recjax.models import rqvae
   unique = sorted(set(r for r in reviews if r.strip()))
-  path = rqvae.semantic_ids_dir(data_dir) / f"reviews-{rqvae._strings_key(encoder.fingerprint, unique)}.npy"
+  path = rqvae.semantic_ids_dir(data_dir) / f"reviews-{rqvae.strings_key(encoder.fingerprint, unique)}.npy"
   if path.is_file():
     emb = np.load(path)
   else:

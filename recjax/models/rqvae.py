@@ -509,7 +509,8 @@ def load_semantic_ids(data_dir, name: str = "rqvae") -> SemanticIds:
 # -- item embeddings -------------------------------------------------------------------
 
 
-def _strings_key(fingerprint: str, strings: Sequence[str]) -> str:
+def strings_key(fingerprint: str, strings: Sequence[str]) -> str:
+  """Cache key of `strings` embedded by the encoder with this fingerprint (item and review caches)."""
   from recjax.models.text import cache
   return cache.hash_strings({"kind": "sentence-embeddings", "version": 1, "encoder": fingerprint}, strings)
 
@@ -543,7 +544,7 @@ def item_embeddings(data_dir, encoder="minilm", *, log: Callable[[str], None] | 
   if isinstance(encoder, (str, os.PathLike)):
     encoder = text.load_text_encoder(encoder)
   texts = cache.item_texts(data_dir)
-  path = semantic_ids_dir(data_dir) / f"embeddings-{_strings_key(encoder.fingerprint, texts)}.npy"
+  path = semantic_ids_dir(data_dir) / f"embeddings-{strings_key(encoder.fingerprint, texts)}.npy"
   if path.is_file():
     emb = np.load(path)
     if emb.shape == (len(texts), encoder.dim):

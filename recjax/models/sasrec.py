@@ -50,7 +50,7 @@ class SASRec(bert4rec.Bert4Rec):
     rng, neg_rng = jax.random.split(rng)
     hidden = self.hidden(net, batch, deterministic=False, rngs=nnx.Rngs(dropout=rng))
     queries, targets, w = self.gather_targets(net, hidden, batch)
-    table, bias = net.item_table()
+    table, bias = self.output_table(net, batch.get("frozen"))
     negatives = jax.random.randint(neg_rng, (self.num_negatives,), bert4rec.NUM_RESERVED, self.vocab_size)
     dot = lambda q, t: jnp.einsum("...d,...d->...", q, t.astype(q.dtype), preferred_element_type=jnp.float32)
     positive = dot(queries, table[targets]) + bias[targets]
