@@ -381,14 +381,18 @@ def text_states(task_name: str, *, encoder: str, item_length: int, critique_leng
   return out
 
 
-def sentence_table(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def sentence_table(states: np.ndarray, mask: np.ndarray, chunk: int = 1024) -> np.ndarray:
   """[V, Dt] float32: each row's mean over its real tokens, L2-normalised (the
-  sentence-transformers pooling); rows without tokens (PAD, MASK, padding) are zero."""
-  m = np.asarray(mask, np.float32)[..., None]
-  total = np.einsum("vtd,vt->vd", np.asarray(states, np.float32), m[..., 0])
-  mean = total / np.maximum(m.sum(1), 1.0)
-  norm = np.linalg.norm(mean, axis=-1, keepdims=True)
-  return np.where(norm > 0, mean / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
+  sentence-transformers pooling); rows without tokens (PAD, MASK, padding) are zero.
+  Chunked: the float32 copy of a memory-mapped [V, T, Dt] cache never exists at once."""
+  out = np.zeros((states.shape[0], states.shape[-1]), np.float32)
+  for start in range(0, states.shape[0], chunk):
+    w = np.asarray(mask[start:start + chunk], np.float32)
+    mean = np.einsum("vtd,vt->vd", np.asarray(states[start:start + chunk], np.float32), w)
+    mean /= np.maximum(w.sum(1, keepdims=True), 1.0)
+    norm = np.linalg.norm(mean, axis=-1, keepdims=True)
+    out[start:start + chunk] = np.where(norm > 0, mean / np.maximum(norm, 1e-12), 0.0)
+  return out
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
