@@ -1,5 +1,7 @@
 """Export a trained checkpoint to a self-contained directory.
 
+A scoring model (Bert4Rec, SASRec+, FLARE):
+
   EXPORT_DIR/
     params.npz          inference parameters only (no optimizer state), flat "a/b/c" keys
     item_table.npz      the scored item table and bias (what ranking uses)
@@ -9,6 +11,15 @@
     config.gin          the operative gin config of the run
     metadata.json       step, task, vocab size, input length, top_k, feature names
     items.tsv           item_id -> original id, short id, title (when the dataset is known)
+
+A generative model (TIGER):
+
+    params.npz          inference parameters
+    trie.npz            the decoding trie of the task's semantic IDs (level_0 .. level_L-1)
+    generate.jaxexport  serialized jax.export: (params, trie, batch) -> (items [b, K],
+                        scores [b, K]) by trie-constrained beam search; b symbolic
+    config.gin, metadata.json ("evaluator": "generative_retrieval", the trie's offsets and
+                        sizes, num_beams, the eval converter), items.tsv
 
 Serving needs only jax (`jax.export.deserialize(...).call(params, batch)`), not recjax's
 model code; `recjax evaluate --exported DIR` re-computes the checkpoint's metrics from
@@ -27,8 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax.evaluation import evaluate as eval_lib
+from recjax.evaluation import evaluators
+from recjax.evaluation import exported as exported_lib
+from recjax.evaluation import generative
 from recjax.evaluation import ranking
+from recjax.models import base
 from recjax.train import mesh as mesh_lib
+
+# Readers of an export (they live with evaluation, which must not import this module).
+load_scorer = exported_lib.load_scorer
+load_recommender = exported_lib.load_recommender
+load_generator = exported_lib.load_generator
+exported_step = exported_lib.exported_step
+load_eval_converter = exported_lib.load_eval_converter
 
 BATCH_FEATURES = ("inputs", "segment_ids", "positions", "mask_position")
 
@@ -59,13 +81,18 @@ def _has_critiques(task_name: str) -> bool:
 def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
            task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
            export_dir: str = gin.REQUIRED, top_k: int = 20, checkpoint_step: int | None = None,
-           mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES) -> str:
-  """Writes EXPORT_DIR (see the module docstring); returns its path."""
+           num_beams: int = 20, mesh_fn: Callable = mesh_lib.create_mesh,
+           logical_axis_rules=mesh_lib.DEFAULT_RULES) -> str:
+  """Writes EXPORT_DIR (see the module docstring); returns its path. `num_beams`: the
+  beams (= items returned) a generative model's export decodes."""
   out = pathlib.Path(export_dir)
   out.mkdir(parents=True, exist_ok=True)
   mesh = mesh_fn()
-  scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
-                                            logical_axis_rules, checkpoint_step)
+  source = evaluators.Source.from_checkpoint(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
+                                             checkpoint_step, task_feature_lengths)
+  if base.evaluator_name(source.model) == "generative_retrieval":
+    return _export_generative(source, out, mixture_or_task_name, task_feature_lengths, num_beams, model_dir)
+  scorer, step = eval_lib.params_scorer(source.model, source.trainer, source.params), source.step
   flat, keys, treedef = _flatten(scorer.params)
   np.savez(out / "params.npz", **flat)
   np.savez(out / "item_table.npz", table=np.asarray(jax.device_get(scorer.item_table)),
@@ -120,36 +147,43 @@ def _write_items(out: pathlib.Path, task_name: str) -> None:
       f.write("\t".join("" if v is None else str(v).replace("\t", " ").replace("\n", " ") for v in row) + "\n")
 
 
-# --- loading (no model code) -----------------------------------------------------
+def _export_generative(source, out: pathlib.Path, task_name: str, task_feature_lengths, num_beams: int,
+                       model_dir) -> str:
+  import recjax.tasks as tasks
+  model, trainer = source.model, source.trainer
+  tables = generative.trie_tables(tasks.semantic_ids_of(task_name))
+  flat, keys, treedef = _flatten(source.params)
+  np.savez(out / "params.npz", **flat)
+  np.savez(out / "trie.npz", **{f"level_{l}": np.asarray(c) for l, c in enumerate(tables.children)})
+  converter = model.eval_feature_converter()
+  lengths = converter.get_model_feature_lengths(task_feature_lengths)
+  features = ["encoder_input_tokens"]
 
+  def generate(flat_params, children, batch):
+    params = jax.tree_util.tree_unflatten(treedef, [flat_params[k] for k in keys])
+    trie = type(tables)(children=tuple(children), offsets=tables.offsets, sizes=tables.sizes)
+    return model.predict_batch(trainer.network(params), batch, trie, num_beams=num_beams)
 
-def _load(export_dir):
-  d = pathlib.Path(export_dir)
-  with np.load(d / "params.npz") as z:
-    params = {k: jnp.asarray(z[k]) for k in z.files}
-  with np.load(d / "item_table.npz") as z:
-    table, bias = jnp.asarray(z["table"]), jnp.asarray(z["bias"])
-  metadata = json.loads((d / "metadata.json").read_text())
-  return d, params, table, bias, metadata
-
-
-def load_scorer(export_dir) -> eval_lib.Scorer:
-  d, params, table, bias, metadata = _load(export_dir)
-  exported = jax.export.deserialize((d / "queries.jaxexport").read_bytes())
-  return eval_lib.Scorer(exported.call, params, table, bias, metadata["vocab_size"])
-
-
-def load_recommender(export_dir):
-  """(fn(batch) -> (scores, ids), metadata) from an export directory."""
-  d, params, table, bias, metadata = _load(export_dir)
-  exported = jax.export.deserialize((d / "recommend.jaxexport").read_bytes())
-  return (lambda batch: exported.call(params, batch, table, bias)), metadata
-
-
-def exported_step(export_dir) -> int:
-  return json.loads((pathlib.Path(export_dir) / "metadata.json").read_text())["step"]
-
-
-def load_eval_converter(export_dir):
-  from recjax.data.converters import ItemSequenceEvalConverter
-  return ItemSequenceEvalConverter()
+  (b,) = jax.export.symbolic_shape("b")
+  params_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+  children_spec = tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in tables.children)
+  batch_spec = {"encoder_input_tokens": jax.ShapeDtypeStruct((b, lengths["encoder_input_tokens"]), jnp.int32)}
+  exported = jax.export.export(jax.jit(generate))(params_spec, children_spec, batch_spec)
+  (out / "generate.jaxexport").write_bytes(exported.serialize())
+  (out / "config.gin").write_text(gin.operative_config_str())
+  metadata = {"step": int(source.step), "task": task_name, "evaluator": "generative_retrieval",
+              "vocab_size": int(model.vocab_size), "num_beams": int(num_beams), "batch_features": features,
+              "task_feature_lengths": {k: int(v) for k, v in task_feature_lengths.items()},
+              "trie": {"offsets": [int(o) for o in tables.offsets], "sizes": [int(z) for z in tables.sizes]},
+              "converter": {"class": type(converter).__name__,
+                            "kwargs": {"input_unit": converter.input_unit, "start_token": converter.start_token,
+                                       "user_buckets": converter.user_buckets,
+                                       "user_token_start": converter.user_token_start}},
+              "platforms": list(exported.platforms),
+              "usage": "jax.export.deserialize(open('generate.jaxexport','rb').read()).call(params, "
+                       "(level_0, ..., level_L-1), {'encoder_input_tokens': int32 [b, E]}) -> "
+                       "(item ids [b, num_beams], scores [b, num_beams]); -1 = no item"}
+  (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+  _write_items(out, task_name)
+  print(f"exported step {source.step} of {model_dir} to {out}")
+  return str(out)

@@ -8,6 +8,7 @@ name. Task names start with the dataset name (catalogue: docs/tasks.md):
                      DS_critique_mix, DS_critique_mix_precise
   text.py            families 2, 4 and 5: text-to-text tasks and mixtures
   preferences.py     the preference-discerning benchmark, once built: DS_pref_<axis>, DS_pref_mix
+  semantic_ids.py    next item over semantic IDs, once built: DS_sid_<name> (TIGER, Mender)
 
 A dataset prepared anywhere becomes tasks without writing Python:
 
@@ -39,11 +40,19 @@ if __name__ == "tasks":
 from . import item_sequences  # pylint: disable=g-import-not-at-top
 from . import text  # pylint: disable=g-import-not-at-top
 from . import preferences  # pylint: disable=g-import-not-at-top
+from . import semantic_ids  # pylint: disable=g-import-not-at-top
 
-FAMILIES = (item_sequences, text, preferences)
+FAMILIES = (item_sequences, text, preferences, semantic_ids)
 
-# dataset name -> ((resolved dir, content hash), registered task and mixture names)
-_REGISTERED: dict[str, tuple[tuple[str, str], list[str]]] = {}
+# dataset name -> ((resolved dir, content hash, artifacts), registered task and mixture names)
+_REGISTERED: dict[str, tuple[tuple, list[str]]] = {}
+
+
+def _artifacts_key(data_dir: pathlib.Path) -> tuple:
+  """What the artifact-dependent families see: their files' names and times."""
+  files = [*data_dir.glob("artifacts/*/*/manifest.json"), *data_dir.glob("semantic_ids/*.npz"),
+           *data_dir.glob("preference_benchmark/*.npz")]
+  return tuple(sorted((str(p.relative_to(data_dir)), p.stat().st_mtime_ns) for p in files))
 
 
 def register_dataset_tasks(name: str, data_dir=None) -> list[str]:
@@ -53,13 +62,14 @@ def register_dataset_tasks(name: str, data_dir=None) -> list[str]:
     name: dataset name (a lowercase identifier; it prefixes the task names).
     data_dir: a directory written by `recjax prepare`; None uses the registry's entry.
 
-  Idempotent: the same name, directory and content is a no-op. A name re-pointed to
-  another directory (or re-prepared in place) replaces its tasks.
+  Idempotent: the same name, directory, content and artifacts is a no-op. A name
+  re-pointed to another directory (or re-prepared in place, or given a new artifact such
+  as semantic IDs) replaces its tasks.
   """
   if data_dir is not None:
     registry.register_dataset(name, data_dir)
   ds = registry.get(name)
-  key = (str(ds.data_dir.resolve()), ds.content_hash)
+  key = (str(ds.data_dir.resolve()), ds.content_hash, _artifacts_key(ds.data_dir))
   if name in _REGISTERED and _REGISTERED[name][0] == key:
     return list(_REGISTERED[name][1])
   unregister_dataset_tasks(name)
@@ -121,6 +131,11 @@ def dataset_of(task_name: str) -> str | None:
 def data_dir_of(task_name: str) -> pathlib.Path | None:
   name = dataset_of(task_name)
   return pathlib.Path(_REGISTERED[name][0][0]) if name else None
+
+
+def semantic_ids_of(task_name: str):
+  """The semantic IDs (codes, tokens, decoding trie) a semantic-ID task decodes to."""
+  return semantic_ids.semantic_ids_of(task_name)
 
 
 def describe(task_name: str) -> str:

@@ -612,3 +612,112 @@ class ItemSequenceEvalConverter(_ItemSequenceConverter):
     if self._example_id_key in batch:
       out[self._example_id_key] = batch[self._example_id_key]
     return out
+
+
+class EncoderDecoderConverter(seqio.FeatureConverter):
+  """Encoder-decoder rows (TIGER and Mender over semantic IDs), one example per row.
+
+  Task features: "inputs" int32 [n] (oldest first), "targets" int32 [m]; optionally
+  "target_item", "user_id" (scalars, passed through: evaluators read them).
+
+  Model features:
+    "encoder_input_tokens"   int32 [E]  the most recent inputs, cut at whole units of
+                                        `input_unit` tokens (an item's semantic ID), then 0
+    "decoder_target_tokens"  int32 [T]
+    "decoder_input_tokens"   int32 [T]  targets shifted right after `start_token`
+    "decoder_loss_weights"   float32 [T] 1 on target tokens, 0 on padding
+
+  `user_buckets` > 0 makes the first encoder token a hashed user token,
+  `user_token_start + hash(user_id) % user_buckets` (TIGER's user token). Deterministic, so
+  `recjax.data.pipeline` converts one epoch and reshuffles its rows for the next ones.
+  Not packed: histories are short (TIGER reads at most 20 items) and rows stay per user,
+  which the evaluators need.
+  """
+
+  TASK_FEATURES = {"inputs": FeatureSpec(tf.int32), "targets": FeatureSpec(tf.int32)}
+  MODEL_FEATURES = {
+      "encoder_input_tokens": FeatureSpec(tf.int32),
+      "decoder_target_tokens": FeatureSpec(tf.int32),
+      "decoder_input_tokens": FeatureSpec(tf.int32),
+      "decoder_loss_weights": FeatureSpec(tf.float32),
+  }
+  PACKING_FEATURE_DTYPES: Mapping[str, tf.dtypes.DType] = {}
+  PASSTHROUGH = {"target_item": FeatureSpec(tf.int32, rank=0), "user_id": FeatureSpec(tf.int32, rank=0)}
+
+  def __init__(self, *, input_unit: int = 1, start_token: int = 0, user_buckets: int = 0,
+               user_token_start: int = 0):
+    if input_unit < 1:
+      raise ValueError(f"input_unit must be >= 1, got {input_unit}")
+    super().__init__(pack=False, apply_length_check=False)
+    self.input_unit, self.start_token = int(input_unit), int(start_token)
+    self.user_buckets, self.user_token_start = int(user_buckets), int(user_token_start)
+
+  def __repr__(self):
+    return (f"{type(self).__name__}(input_unit={self.input_unit}, user_buckets={self.user_buckets}, "
+            f"user_token_start={self.user_token_start})")
+
+  def epoch_invariant_rows(self) -> tuple["EncoderDecoderConverter", None]:
+    return self, None
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    missing = {"inputs", "targets"} - set(task_feature_lengths)
+    if missing:
+      raise ValueError(f"{type(self).__name__} needs task_feature_lengths for {sorted(missing)}, got "
+                       f"{dict(task_feature_lengths)}")
+    lengths = {k: int(task_feature_lengths[k]) for k in ("inputs", "targets")}
+    room = lengths["inputs"] - (1 if self.user_buckets else 0)
+    if room < self.input_unit:
+      raise ValueError(f"task_feature_lengths['inputs'] = {lengths['inputs']} holds no whole input of "
+                       f"{self.input_unit} tokens")
+    spec = ds.element_spec
+    if self.user_buckets and "user_id" not in spec:
+      raise ValueError(f"user_buckets = {self.user_buckets} needs a 'user_id' feature; the task has {sorted(spec)}")
+    conv = copy.copy(self)  # per call: the passthrough features present decide the specs
+    conv.MODEL_FEATURES = {**self.MODEL_FEATURES, **{k: v for k, v in self.PASSTHROUGH.items() if k in spec}}
+    return seqio.FeatureConverter.__call__(conv, ds, lengths)
+
+  def _convert_features(self, ds, task_feature_lengths):
+    enc_len, dec_len = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    has_user = 1 if self.user_buckets else 0
+    keep = (enc_len - has_user) // self.input_unit * self.input_unit
+    passthrough = [k for k in self.PASSTHROUGH if k in self.MODEL_FEATURES]
+    dense = lambda x: x.to_tensor() if isinstance(x, tf.RaggedTensor) else x
+
+    def pad(x, n):
+      x = x[:n]
+      return tf.pad(x, [[0, n - tf.shape(x)[0]]])
+
+    def convert(ex):
+      inputs = tf.cast(dense(ex["inputs"]), tf.int32)
+      inputs = inputs[tf.maximum(tf.shape(inputs)[0] - keep, 0):]  # the most recent whole units
+      if has_user:
+        bucket = _user_hash(tf.cast(ex["user_id"], tf.uint64)) % tf.constant(self.user_buckets, tf.uint64)
+        inputs = tf.concat([[self.user_token_start + tf.cast(bucket, tf.int32)], inputs], 0)
+      targets = pad(tf.cast(dense(ex["targets"]), tf.int32), dec_len)
+      out = {"encoder_input_tokens": tf.ensure_shape(pad(inputs, enc_len), [enc_len]),
+             "decoder_target_tokens": tf.ensure_shape(targets, [dec_len]),
+             "decoder_input_tokens": tf.ensure_shape(
+                 tf.concat([[self.start_token], targets[:-1]], 0), [dec_len]),
+             "decoder_loss_weights": tf.cast(targets > 0, tf.float32)}
+      for k in passthrough:
+        out[k] = tf.cast(ex[k], tf.int32)
+      return out
+
+    return ds.map(_plain(convert), num_parallel_calls=_AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    enc, dec = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    out = {"encoder_input_tokens": enc, "decoder_target_tokens": dec, "decoder_input_tokens": dec,
+           "decoder_loss_weights": dec}
+    return {**out, **{k: 1 for k in self.PASSTHROUGH if k in self.MODEL_FEATURES}}
+
+
+def user_bucket(user_ids: np.ndarray, buckets: int) -> np.ndarray:
+  """The hashed user bucket `EncoderDecoderConverter` computes, in numpy."""
+  return ((np.asarray(user_ids, np.uint64) * np.uint64(2654435761)) % np.uint64(2 ** 32)
+          % np.uint64(buckets)).astype(np.int64)
+
+
+def _user_hash(u: tf.Tensor) -> tf.Tensor:
+  # TIGER's fixed multiplicative hash, as `user_bucket` computes it.
+  return (u * tf.constant(2654435761, tf.uint64)) % tf.constant(2 ** 32, tf.uint64)

@@ -257,3 +257,25 @@ def encode_critique_strings(ds: tf.data.Dataset, *, data_dir, kind: str = "regen
     return {**ex, output_key: ids}
 
   return _map(ds, encode)
+
+
+# --- semantic IDs -------------------------------------------------------------------------
+
+
+def to_semantic_ids(ds: tf.data.Dataset, *, tokens_fn) -> tf.data.Dataset:
+  """(history, target) item ids -> semantic-ID tokens.
+
+  `tokens_fn()` returns the int32 [vocab, L] table of every item id's L tokens (rows of
+  PAD / MASK are never looked up); it is called when the dataset is built, so registering
+  a task reads no artifact. Output: "inputs" (the history's tokens, flattened, oldest item
+  first), "targets" (the next item's L tokens), "target_item", and the source's
+  "user_id" / "example_id".
+  """
+  table = tf.constant(np.asarray(tokens_fn(), np.int32))
+
+  def fn(ex):
+    return {"inputs": tf.reshape(tf.gather(table, ex["history"]), [-1]),
+            "targets": tf.gather(table, ex["target"]), "target_item": ex["target"],
+            "user_id": ex["user_id"], "example_id": ex["example_id"]}
+
+  return _map(ds, fn)

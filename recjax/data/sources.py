@@ -113,3 +113,67 @@ def _cached_split(data_dir: str, content_hash: str, split: str, columns: tuple[s
   # the content hash in the key keeps a re-prepared dataset from being served stale.
   del content_hash
   return load_split(PreparedDataset(data_dir), split, columns)
+
+
+# --- next-item examples ---------------------------------------------------------------
+
+
+def next_item_examples(dataset: PreparedDataset, split: str, max_history: int) -> dict[str, np.ndarray]:
+  """(history -> next item) examples of a split, as flat numpy arrays.
+
+  train: every prefix of every user's training items (items[:-2]): history s[:t] -> s[t]
+  for t >= 1, as TIGER trains; validation / test: one example per user, the split's last
+  item held out. A history keeps its most recent `max_history` items (an upper bound: the
+  converter cuts to what the model reads).
+
+  Returns "history" (flat item ids), "history_lengths", "target", "user_id" and
+  "example_id" (train: the target's index among all training interactions; eval: the
+  user id; stable across runs either way).
+  """
+  if split not in _DROP_LAST:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  table = dataset.sequences(["user_id", "items"])
+  users = table.column("user_id").to_numpy().astype(np.int64)
+  values, lengths = _list_column(table, "items", _DROP_LAST[split])
+  values = values.astype(np.int32)
+  offsets = np.concatenate([[0], np.cumsum(lengths)])
+  if split == "train":
+    # Every position but each user's first is a target.
+    is_target = np.ones(len(values), bool)
+    is_target[offsets[:-1]] = False
+    targets = np.flatnonzero(is_target)
+  else:
+    targets = offsets[1:] - 1
+  owner = np.searchsorted(offsets, targets, side="right") - 1
+  start = np.maximum(offsets[owner], targets - int(max_history))
+  hist_len = targets - start
+  # Flat indices of every history: start + 0..len-1 per example, without a Python loop.
+  firsts = np.repeat(start - np.concatenate([[0], np.cumsum(hist_len)[:-1]]), hist_len)
+  index = firsts + np.arange(int(hist_len.sum()))
+  return {"history": values[index], "history_lengths": hist_len, "target": values[targets],
+          "user_id": users[owner].astype(np.int32),
+          "example_id": (targets if split == "train" else users[owner]).astype(np.int64)}
+
+
+def next_item_source(data_dir, max_history: int = 200) -> seqio.DataSource:
+  """A seqio source of (history -> next item) examples: "history" (int32 [n] item ids,
+  oldest first), "target", "user_id", "example_id"; see `next_item_examples`."""
+  dataset = PreparedDataset(data_dir)
+  counts = {s: len(_cached_next_items(str(dataset.data_dir), dataset.content_hash, s, max_history)["target"])
+            for s in SPLITS}
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed
+    ex = _cached_next_items(str(dataset.data_dir), dataset.content_hash, split, max_history)
+    return tf.data.Dataset.from_tensor_slices({
+        "history": tf.RaggedTensor.from_row_lengths(tf.constant(ex["history"]), ex["history_lengths"]),
+        "target": tf.constant(ex["target"]), "user_id": tf.constant(ex["user_id"]),
+        "example_id": tf.constant(ex["example_id"])})
+
+  return seqio.FunctionDataSource(dataset_fn, splits=SPLITS, num_input_examples=counts)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_next_items(data_dir: str, content_hash: str, split: str, max_history: int):
+  del content_hash  # part of the key: a re-prepared dataset is read again
+  return next_item_examples(PreparedDataset(data_dir), split, max_history)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax.evaluation import ranking
+from recjax.evaluation.scorer import Scorer  # noqa: F401  (re-exported: callers build Scorers)
 from recjax.train import mesh as mesh_lib
 
 NUM_RESERVED = ranking.NUM_RESERVED
@@ -49,7 +50,7 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
   it = ds.batch(local).prefetch(4).as_numpy_iterator()
   for _ in range(num_batches):
     batch = next(it, None) or empty
-    n = len(batch["target"])
+    n = len(next(iter(batch.values())))
     valid = np.arange(local) < n
     batch = {k: np.concatenate([v, np.zeros((local - n, *v.shape[1:]), v.dtype)]) if n < local else v
              for k, v in batch.items()}
@@ -84,30 +85,12 @@ def train_popularity(mixture_or_task_name: str, vocab_size: int) -> np.ndarray:
   return counts
 
 
-class Scorer:
-  """What evaluation needs from a model: query vectors for a batch and the item table."""
-
-  def __init__(self, queries_fn: Callable, params, item_table: jax.Array, bias: jax.Array, vocab_size: int,
-               batch_sharding: jax.sharding.Sharding | None = None):
-    self.queries_fn, self.params = queries_fn, params
-    self.item_table, self.bias, self.vocab_size = item_table, bias, vocab_size
-    self.batch_sharding = batch_sharding
-
-  def put(self, local: np.ndarray) -> jax.Array:
-    """This process's rows of a batch as the global array every process computes on.
-
-    With several processes each holds different users: their rows must become one global
-    batch, or a computation partitioned across processes would mix them. Without a batch
-    sharding (an export, one device) the rows are simply placed on the default device."""
-    if self.batch_sharding is None:
-      return jnp.asarray(local)
-    return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local))
-
-
-def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, step=None) -> tuple[Scorer, int]:
+def restore_checkpoint(model, mixture_or_task_name: str, model_dir, mesh, rules, step=None,
+                       task_feature_lengths=None):
+  """(model, trainer, params, step) of MODEL_DIR's checkpoint (the latest, or `step`)."""
   from recjax.train import checkpoint as ckpt_lib
   from recjax.train import loop
-  net_model = model(vocab_size=loop.item_vocab_size(mixture_or_task_name))
+  net_model = loop.build_model(model, mixture_or_task_name, task_feature_lengths)
   trainer = loop.Trainer(net_model, mesh, tuple(rules),
                          frozen_inputs=loop.frozen_inputs(net_model, mixture_or_task_name))
   checkpointer = ckpt_lib.Checkpointer(model_dir)
@@ -116,7 +99,12 @@ def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, 
     raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first")
   state, _, _ = checkpointer.restore(step, trainer.abstract_state, trainer.param_shapes)
   checkpointer.close()
-  return params_scorer(net_model, trainer, state.params), step
+  return net_model, trainer, state.params, step
+
+
+def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, step=None) -> tuple[Scorer, int]:
+  net_model, trainer, params, step = restore_checkpoint(model, mixture_or_task_name, model_dir, mesh, rules, step)
+  return params_scorer(net_model, trainer, params), step
 
 
 def params_scorer(net_model, trainer, params) -> Scorer:
@@ -163,27 +151,10 @@ def rank_split(scorer: Scorer, batches, *, exclude_history: bool, ks, popularity
   return out
 
 
-def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
-             task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
-             batch_size: int = 256, splits: Sequence[str] = ("validation", "test"),
-             ks: Sequence[int] = (1, 5, 10, 20), exclude_history: bool = True,
-             mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES,
-             checkpoint_step: int | None = None, exported_dir: str | None = None,
-             popularity_baseline: bool = True, verbose: bool = True) -> dict[str, Any]:
-  """Evaluates the latest checkpoint in `model_dir` (or `exported_dir`); writes JSON there."""
-  mesh = mesh_fn()
-  # Built outside the mesh context: nnx.eval_shape inside one would read the logical axis
-  # names as mesh axes. The arrays carry their shardings; jit follows them.
-  if exported_dir:
-    from recjax import export as export_lib
-    scorer, step = export_lib.load_scorer(exported_dir), export_lib.exported_step(exported_dir)
-    converter = export_lib.load_eval_converter(exported_dir)
-    out_dir = pathlib.Path(exported_dir)
-  else:
-    scorer, step = checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
-                                     checkpoint_step)
-    converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
-    out_dir = pathlib.Path(model_dir)
+def rank_with_scorer(*, scorer: Scorer, converter, mixture_or_task_name: str, task_feature_lengths, splits,
+                     batch_size: int, ks, exclude_history: bool = True, popularity_baseline: bool = True,
+                     **_) -> tuple[dict, str]:
+  """The "ranking" evaluator: full-catalogue ranking + a popularity baseline per split."""
   popularity = None
   if popularity_baseline:
     counts = train_popularity(mixture_or_task_name, scorer.item_table.shape[0])
@@ -196,13 +167,49 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
       for name, metrics in rank_split(scorer, batches, exclude_history=exclude_history, ks=ks,
                                       popularity=popularity).items():
         results[f"{split}/{name}" if len(names) == 1 else f"{split}/{task}/{name}"] = metrics
-  protocol = ranking.ranking_protocol(scorer.vocab_size, exclude_history)
-  payload = {"step": step, "task": mixture_or_task_name, "protocol": protocol, "results": results,
-             "source": "export" if exported_dir else "checkpoint"}
+  return results, ranking.ranking_protocol(scorer.vocab_size, exclude_history)
+
+
+def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+             task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
+             batch_size: int = 256, splits: Sequence[str] = ("validation", "test"),
+             ks: Sequence[int] = (1, 5, 10, 20), exclude_history: bool = True,
+             mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES,
+             checkpoint_step: int | None = None, exported_dir: str | None = None,
+             popularity_baseline: bool = True, evaluator: str | None = None,
+             verbose: bool = True) -> dict[str, Any]:
+  """Evaluates the latest checkpoint in `model_dir` (or `exported_dir`); writes JSON there.
+
+  `evaluator` names a registered evaluator (`recjax.evaluation.evaluators`); None takes
+  the model's own (`EVALUATOR` of the model contract, or the export's)."""
+  from recjax.evaluation import evaluators
+  from recjax.models import base
+  mesh = mesh_fn()
+  if exported_dir:
+    from recjax.evaluation import exported
+    name = evaluator or exported.kind(exported_dir)
+    source = evaluators.Source.from_export(exported_dir)
+    out_dir = pathlib.Path(exported_dir)
+  else:
+    # Built outside the mesh context: nnx.eval_shape inside one would read the logical axis
+    # names as mesh axes. The arrays carry their shardings; jit follows them.
+    source = evaluators.Source.from_checkpoint(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
+                                               checkpoint_step, task_feature_lengths)
+    name = evaluator or base.evaluator_name(source.model)
+    out_dir = pathlib.Path(model_dir)
+  results, protocol = evaluators.get(name)(
+      source=source, mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
+      splits=tuple(splits), batch_size=batch_size, ks=tuple(ks), exclude_history=exclude_history,
+      popularity_baseline=popularity_baseline)
+  step = source.step
+  payload = {"step": step, "task": mixture_or_task_name, "evaluator": name, "protocol": protocol,
+             "results": results, "source": "export" if exported_dir else "checkpoint"}
   if jax.process_index() == 0:
-    name = "eval_export.json" if exported_dir else f"eval_step_{step}.json"
-    (out_dir / name).write_text(json.dumps(payload, indent=2) + "\n")
+    fname = "eval_export.json" if exported_dir else f"eval_step_{step}.json"
+    (out_dir / fname).write_text(json.dumps(payload, indent=2) + "\n")
     if verbose:
-      columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr", "count"]
+      first = next(iter(results.values()), {})
+      columns = [c for c in [*(f"recall@{k}" for k in ks), *(f"ndcg@{k}" for k in ks), "mrr",
+                             "invalid_id_fraction", "count"] if c in first]
       print(ranking.format_metrics_table(results, columns, protocol))
   return payload

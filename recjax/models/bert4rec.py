@@ -108,7 +108,8 @@ class Bert4Rec:
   def padded_vocab_size(self) -> int:
     return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
-  INPUT_FEATURE = "items"
+  VOCAB_FEATURE = "items"  # the model contract (recjax/models/base.py)
+  EVALUATOR = "ranking"
 
   def network_kwargs(self) -> dict:
     if self.vocab_size <= NUM_RESERVED:

@@ -68,7 +68,7 @@ class MenderEmb(tiger.Tiger):
   item_id_embeddings: bool = True
   negative_weight: float = 1.0  # weight of the unlikelihood term of sign -1 rows
 
-  batch_fields = ("history", "preferences", "targets", "weights", "sign")
+  batch_fields = ("history", "preferences", "decoder_target_tokens", "weights", "sign")
 
   @property
   def encoder_length(self) -> int:
@@ -105,7 +105,7 @@ class MenderEmb(tiger.Tiger):
     negative_weight * -log(1 - p(target ID)). Rows with weight 0 do not count."""
     del rng
     logits = self.logits(net, batch)
-    targets = batch["targets"]
+    targets = batch["decoder_target_tokens"]
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     w = batch["weights"].astype(jnp.float32)
     pos = w * (batch["sign"] > 0)
@@ -147,7 +147,7 @@ class MenderTok(tiger.Tiger):
   trainable_encoder: bool = False
   negative_weight: float = 1.0  # as MenderEmb
 
-  batch_fields = ("text", "targets", "weights", "sign")
+  batch_fields = ("text", "decoder_target_tokens", "weights", "sign")
   loss_fn = MenderEmb.loss_fn  # same signed objective: uses only logits and negative_weight
 
   @property
@@ -198,7 +198,7 @@ def model_examples(split: dict, item_tokens: np.ndarray, model: tiger.Tiger) -> 
   in the token-state table, `tok_text_table`)."""
   history = recent_items(split["history"], model.max_items)
   target = np.asarray(split["target"], np.int64)
-  out = {"targets": item_tokens[target].astype(np.int32), "target_items": target.astype(np.int32),
+  out = {"decoder_target_tokens": item_tokens[target].astype(np.int32), "target_items": target.astype(np.int32),
          "weights": np.ones(len(target), np.float32), "sign": np.asarray(split["sign"], np.float32)}
   if isinstance(model, MenderTok):
     if "text" not in split:
@@ -211,7 +211,8 @@ def model_examples(split: dict, item_tokens: np.ndarray, model: tiger.Tiger) -> 
     out.update(history=history.astype(np.int32), preferences=prefs)
   else:
     tokens = np.where(history[..., None] > 0, item_tokens[history], 0).reshape(len(history), -1)
-    out.update(encoder_tokens=tokens.astype(np.int32), encoder_mask=(tokens > 0).astype(np.int32))
+    out.update(encoder_input_tokens=tokens.astype(np.int32),
+               decoder_loss_weights=np.ones(out["decoder_target_tokens"].shape, np.float32))
   return out
 
 

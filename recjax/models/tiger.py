@@ -145,14 +145,16 @@ class TigerNetwork(nnx.Module):
     return logits, {"k": ks, "v": vs, "pos": cache["pos"] + 1}
 
 
-# -- model (the trainer's protocol) ------------------------------------------------------
+# -- model (the model contract, recjax/models/base.py) ----------------------------------
 
 
 @dataclasses.dataclass
 class Tiger:
-  """TIGER hyper-parameters (paper: 4 + 4 layers, d_model 128, 6 heads x 64, MLP 1024)."""
+  """TIGER hyper-parameters (paper: 4 + 4 layers, d_model 128, 6 heads x 64, MLP 1024)
+  and the model contract: trains on `EncoderDecoderConverter` rows of a semantic-ID task
+  (`DS_sid_NAME`), is evaluated by generating (`predict_batch`, constrained beams)."""
 
-  vocab_size: int = 0  # semantic-ID tokens (SemanticIds.vocab_size)
+  vocab_size: int = 0  # semantic-ID tokens: the task's "targets" vocabulary
   id_length: int = 4
   max_items: int = 20
   user_buckets: int = 0  # > 0: a hashed user token starts the encoder input (paper: 2000)
@@ -163,6 +165,12 @@ class Tiger:
   num_layers: int = 4
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
+
+  VOCAB_FEATURE = "targets"  # the task feature whose vocabulary sets vocab_size
+  # Fields of the in-memory example arrays of `train_tiger` (LUMEN / ReAT / Mender drivers
+  # still train that way until they move onto the gin trainer).
+  batch_fields = ("encoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "weights")
+  EVALUATOR = "generative_retrieval"
 
   @property
   def encoder_vocab_size(self) -> int:
@@ -185,37 +193,59 @@ class Tiger:
     return TigerNetwork(vocab_size=self.vocab_size, encoder_vocab_size=self.encoder_vocab_size,
                         id_length=self.id_length, cfg=self.t5_config(), rngs=rngs)
 
-  # Fields of an examples dict that batches carry (see `batches`).
-  batch_fields = ("encoder_tokens", "encoder_mask", "targets", "weights")
+  def feature_converter(self, pack: bool = False, seed: int = 0):
+    """History tokens (the most recent `max_items` whole IDs, after the user token) ->
+    encoder rows; the next ID -> decoder rows. Deterministic, never packed."""
+    del pack, seed
+    from recjax.data.converters import EncoderDecoderConverter
+    return EncoderDecoderConverter(input_unit=self.id_length, start_token=START_TOKEN,
+                                   user_buckets=self.user_buckets, user_token_start=self.vocab_size)
+
+  eval_feature_converter = feature_converter
+
+  def task_feature_lengths(self) -> dict[str, int]:
+    """What TASK_FEATURE_LENGTHS must say for this model (the trainer checks it)."""
+    return {"inputs": self.encoder_length, "targets": self.id_length}
 
   def memory(self, net: TigerNetwork, batch):
     """(encoder output [B, T, d], mask [B, T]) the decoder cross-attends to."""
-    return net.encode(batch["encoder_tokens"], batch["encoder_mask"]), batch["encoder_mask"]
+    tokens = batch["encoder_input_tokens"]
+    mask = (tokens > 0).astype(jnp.int32)
+    return net.encode(tokens, mask), mask
 
   def logits(self, net: TigerNetwork, batch):
     memory, mask = self.memory(net, batch)
-    targets = batch["targets"]
-    inputs = jnp.concatenate([jnp.full_like(targets[:, :1], START_TOKEN), targets[:, :-1]], axis=1)
+    targets = batch["decoder_target_tokens"]
+    inputs = batch.get("decoder_input_tokens")
+    if inputs is None:
+      inputs = jnp.concatenate([jnp.full_like(targets[:, :1], START_TOKEN), targets[:, :-1]], axis=1)
     return net.decode(inputs, memory, mask)
 
   def loss_fn(self, net: TigerNetwork, batch, rng: jax.Array | None):
-    """Token cross-entropy (float32) of the target IDs under teacher forcing; rows with
-    weight 0 (batch padding) do not count. `rng` is unused (no dropout)."""
+    """Token cross-entropy (float32) of the target IDs under teacher forcing; positions
+    with loss weight 0 (padding rows) do not count. `rng` is unused (no dropout)."""
     del rng
     logits = self.logits(net, batch)
-    targets = batch["targets"]
-    w = jnp.broadcast_to(batch["weights"][:, None], targets.shape).astype(jnp.float32)
+    targets = batch["decoder_target_tokens"]
+    w = batch["decoder_loss_weights"].astype(jnp.float32)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
     return loss, {"loss_sum": jnp.sum(nll * w), "targets": jnp.sum(w),
                   "accuracy_sum": jnp.sum(correct * w), "dropped_targets": jnp.zeros((), jnp.float32),
-                  "items": jnp.sum(batch["weights"]).astype(jnp.float32)}
+                  "items": jnp.sum(jnp.max(w, axis=1))}
+
+  def predict_batch(self, net: TigerNetwork, batch, tables: bs.TrieTables, *, num_beams: int,
+                    constrained: bool = True, free: bool = False):
+    """Beam search from each row's history: (items [B, K], scores [B, K]), best first;
+    `constrained` / `free` as in `beam_search.beam_search` (item -1: no item's ID)."""
+    _, scores, items = self.generate(net, batch, tables, num_beams=num_beams, constrained=constrained,
+                                     free=free)
+    return items, scores
 
   def generate(self, net: TigerNetwork, batch, tables: bs.TrieTables, *, num_beams: int,
                constrained: bool = True, free: bool = False):
-    """Beam search from each row's history: (tokens [B, K, L], scores [B, K], items [B, K]);
-    `constrained` / `free` as in `beam_search.beam_search`."""
+    """(tokens [B, K, L], scores [B, K], items [B, K]) of the beam search."""
     memory, enc_mask = self.memory(net, batch)
     b = memory.shape[0]
     # Every beam of a row attends to the same memory: repeat it once, before the search.
@@ -230,7 +260,8 @@ class Tiger:
 
 
 def user_bucket(user_ids: np.ndarray, buckets: int) -> np.ndarray:
-  """A fixed multiplicative hash of the user id into `buckets` buckets."""
+  """A fixed multiplicative hash of the user id into `buckets` buckets (as
+  `EncoderDecoderConverter` computes it for the gin path)."""
   return ((np.asarray(user_ids, np.uint64) * np.uint64(2654435761)) % np.uint64(2 ** 32)
           % np.uint64(buckets)).astype(np.int64)
 
@@ -262,21 +293,10 @@ def examples_from_sequences(sequences, item_tokens: np.ndarray, model: Tiger, *,
   if model.user_buckets:
     user_tok = model.vocab_size + user_bucket(np.asarray(users), model.user_buckets)
     tokens = np.concatenate([user_tok[:, None], tokens], 1)
-  return {"encoder_tokens": tokens.astype(np.int32), "encoder_mask": (tokens > 0).astype(np.int32),
-          "targets": item_tokens[targets].astype(np.int32), "target_items": targets.astype(np.int32),
-          "weights": np.ones(len(targets), np.float32)}
-
-
-def build_examples(data_dir, sids, model: Tiger, split: str) -> dict[str, np.ndarray]:
-  """Examples of a prepared dataset's leave-one-out split: 'train' (every prefix of
-  items[:-2]), 'valid' (items[:-2] -> items[-2]) or 'test' (items[:-1] -> items[-1])."""
-  from recjax.data.prepared import PreparedDataset
-  table = PreparedDataset(data_dir).sequences(["user_id", "items"])
-  seqs = table.column("items").to_pylist()
-  users = table.column("user_id").to_numpy()
-  cut = {"train": lambda s: s[:-2], "valid": lambda s: s[:-1], "test": lambda s: s}[split]
-  return examples_from_sequences([cut(s) for s in seqs], sids.tokens, model,
-                                 every_prefix=(split == "train"), user_ids=users)
+  return {"encoder_input_tokens": tokens.astype(np.int32),
+          "decoder_target_tokens": item_tokens[targets].astype(np.int32),
+          "decoder_loss_weights": np.ones((len(targets), L), np.float32),
+          "target_items": targets.astype(np.int32), "weights": np.ones(len(targets), np.float32)}
 
 
 def batches(examples: dict, batch_size: int, *, seed: int, fields=Tiger.batch_fields):
@@ -365,7 +385,8 @@ def evaluate_tiger(model: Tiger, net: TigerNetwork, examples: dict, tables: bs.T
 
   acc, counts, tops = RankingMetrics(ks), [], []
   n = len(examples["weights"])
-  fields = [f for f in model.batch_fields if f != "targets"] + ["target_items"]
+  fields = [f for f in model.batch_fields if f not in ("decoder_target_tokens", "decoder_loss_weights")]
+  fields += ["target_items"]
   for s in range(0, n, batch_size):
     batch = {k: examples[k][s:s + batch_size] for k in fields}
     pad = batch_size - len(batch["weights"])  # one shape: one compilation
@@ -383,39 +404,5 @@ def evaluate_tiger(model: Tiger, net: TigerNetwork, examples: dict, tables: bs.T
   return out
 
 
-def run(data_dir, *, ids: str = "rqvae", steps: int = 1000, batch_size: int = 128, learning_rate: float = 1e-3,
-        num_beams: int = 20, unconstrained_users: int = 5000, seed: int = 0, **sizes) -> list[dict]:
-  """`recjax tiger`: train on every training prefix, then evaluate the test split with
-  constrained beam search (all users) and unconstrained decoding (a sample of users, to
-  measure invalid IDs). Prints and returns JSON-able rows."""
-  import json
-  t0 = time.perf_counter()
-  rows = []
-
-  def emit(row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-
-  from recjax.models import rqvae
-  sids = rqvae.load_semantic_ids(data_dir, ids)
-  model = Tiger(vocab_size=sids.vocab_size, **sizes)
-  train, test = build_examples(data_dir, sids, model, "train"), build_examples(data_dir, sids, model, "test")
-  tables = bs.trie_tables_of(sids)
-  emit({"event": "data", "train_examples": len(train["weights"]), "test_users": len(test["weights"]),
-        "vocab_size": sids.vocab_size, "model": dataclasses.asdict(model), "seconds": round(time.perf_counter() - t0, 1)})
-  trainer, state, _ = train_tiger(model, train, steps=steps, batch_size=batch_size, seed=seed,
-                                  learning_rate=learning_rate, warmup_steps=min(200, steps // 10),
-                                  log_every=max(steps // 10, 1), callback=lambda step, row: emit(row))
-  net = trainer.network(state.params)
-  sample = np.random.default_rng(seed).permutation(len(test["weights"]))[:unconstrained_users]
-  sub = {k: v[sample] for k, v in test.items()}
-  for mode, examples, kwargs in (("constrained", test, {}), ("unconstrained_level_codes", sub, {"constrained": False}),
-                                 ("unconstrained_free", sub, {"constrained": False, "free": True})):
-    t1 = time.perf_counter()
-    got = evaluate_tiger(model, net, examples, tables, num_beams=num_beams, ks=(5, 10), **kwargs)
-    emit({"event": "test", "mode": mode, **got, "seconds": round(time.perf_counter() - t1, 1)})
-  return rows
-
-
-__all__ = ["Tiger", "TigerNetwork", "examples_from_sequences", "build_examples", "batches", "train_tiger",
+__all__ = ["Tiger", "TigerNetwork", "examples_from_sequences", "batches", "train_tiger",
            "evaluate_tiger", "user_bucket"]

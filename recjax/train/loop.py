@@ -171,7 +171,25 @@ def item_vocab_size(task_name: str, feature: str = "items") -> int:
   import seqio
   import recjax.tasks  # noqa: F401  (registers the tasks)
   provider = seqio.get_mixture_or_task(task_name)
+  if feature not in provider.output_features:
+    raise ValueError(f"task {task_name!r} has no feature {feature!r} (it has {sorted(provider.output_features)}); "
+                     "is MODEL the right model for MIXTURE_OR_TASK_NAME?")
   return provider.output_features[feature].vocabulary.vocab_size
+
+
+def build_model(model_factory: Callable, task_name: str, task_feature_lengths: dict | None = None):
+  """MODEL(vocab_size=...) for a task (the model contract, recjax/models/base.py); a model
+  that states the feature lengths it reads (`task_feature_lengths()`) must agree with
+  TASK_FEATURE_LENGTHS."""
+  from recjax.models import base
+  model = model_factory(vocab_size=item_vocab_size(task_name, base.vocab_feature(model_factory)))
+  wants = getattr(model, "task_feature_lengths", None)
+  if task_feature_lengths is not None and wants is not None:
+    bad = {k: (task_feature_lengths.get(k), v) for k, v in wants().items() if task_feature_lengths.get(k) != v}
+    if bad:
+      raise ValueError(f"TASK_FEATURE_LENGTHS {dict(task_feature_lengths)} does not fit {type(model).__name__}: "
+                       + ", ".join(f"{k!r} is {got} but the model reads {need}" for k, (got, need) in bad.items()))
+  return model
 
 
 class _Preemption:
@@ -285,7 +303,7 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
 
   model_dir = pathlib.Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
-  net_model = model(vocab_size=item_vocab_size(mixture_or_task_name))
+  net_model = build_model(model, mixture_or_task_name, task_feature_lengths)
   mesh = mesh_fn()
   trainer = Trainer(net_model, mesh, tuple(logical_axis_rules), seed=seed, total_steps=train_steps,
                     optimizer_fn=optimizer, frozen_inputs=frozen_inputs(net_model, mixture_or_task_name))

@@ -1,0 +1,122 @@
+"""Evaluators registered by name (big_vision's `evaluators/` is the model).
+
+An evaluator is a function `(source, mixture_or_task_name, task_feature_lengths, splits,
+batch_size, ks, **options) -> (results {"split/name": metrics}, protocol line)`. `source`
+is what is evaluated: a restored checkpoint (model + parameters) or an export directory
+(no model code). `recjax evaluate` picks the model's own evaluator (`EVALUATOR` in the
+model contract) unless gin names one (`eval_lib.evaluate.evaluator = 'NAME'`); options
+of an evaluator are gin bindings of its function (e.g.
+`evaluators.generative_retrieval.num_beams = 20`).
+
+  ranking               full-catalogue ranking (queries . item table), popularity baseline
+  generative_retrieval  decode K items (constrained beams), rank the target among them
+
+Critiquing (`recjax critique`) and the preference-discerning axes reuse the same metrics
+core (`recjax.evaluation.ranking.RankingMetrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import gin
+import jax
+import numpy as np
+
+from recjax.evaluation import evaluate as eval_lib
+from recjax.evaluation import generative
+
+EVALUATORS: dict[str, Callable] = {}
+
+
+def register(name: str):
+  def add(fn):
+    if name in EVALUATORS:
+      raise ValueError(f"evaluator {name!r} is registered twice")
+    EVALUATORS[name] = fn
+    return fn
+  return add
+
+
+def get(name: str) -> Callable:
+  """The evaluator function, with its gin bindings applied when a gin file names it."""
+  if name not in EVALUATORS:
+    raise ValueError(f"unknown evaluator {name!r}; registered: {sorted(EVALUATORS)}")
+  fn = EVALUATORS[name]
+  try:
+    return gin.get_configurable(fn)
+  except ValueError:  # no gin file mentions it: its defaults
+    return fn
+
+
+@dataclasses.dataclass
+class Source:
+  """What is evaluated: a checkpoint's model + parameters, or an export directory."""
+
+  step: int
+  model: Any = None
+  trainer: Any = None
+  params: Any = None
+  export_dir: str | None = None
+
+  @classmethod
+  def from_checkpoint(cls, model_factory, task, model_dir, mesh, rules, step=None, task_feature_lengths=None):
+    model, trainer, params, step = eval_lib.restore_checkpoint(model_factory, task, model_dir, mesh, rules, step,
+                                                               task_feature_lengths)
+    return cls(step=int(step), model=model, trainer=trainer, params=params)
+
+  @classmethod
+  def from_export(cls, export_dir):
+    from recjax.evaluation import exported
+    return cls(step=exported.exported_step(export_dir), export_dir=str(export_dir))
+
+  def put(self, local: np.ndarray) -> jax.Array:
+    """This process's rows as the global batch every process computes on."""
+    if self.trainer is None:
+      return jax.numpy.asarray(local)
+    return jax.make_array_from_process_local_data(self.trainer.batch_sharding, np.asarray(local))
+
+
+@register("ranking")
+def ranking(*, source: Source, **kwargs) -> tuple[dict, str]:
+  if source.export_dir:
+    from recjax.evaluation import exported
+    scorer, converter = exported.load_scorer(source.export_dir), exported.load_eval_converter(source.export_dir)
+  else:
+    scorer = eval_lib.params_scorer(source.model, source.trainer, source.params)
+    converter = source.model.eval_feature_converter()
+  return eval_lib.rank_with_scorer(scorer=scorer, converter=converter, **kwargs)
+
+
+@register("generative_retrieval")
+def generative_retrieval(*, source: Source, mixture_or_task_name: str, task_feature_lengths, splits,
+                         batch_size: int, ks, num_beams: int = 20, constrained: bool = True, free: bool = False,
+                         **_) -> tuple[dict, str]:
+  """Decodes `num_beams` items per user and ranks the target among them (TIGER's protocol:
+  history not excluded); ks above num_beams are dropped."""
+  ks = tuple(k for k in ks if k <= num_beams)
+  if not ks:
+    raise ValueError(f"every cutoff in ks exceeds num_beams = {num_beams}")
+  if source.export_dir:
+    from recjax.evaluation import exported
+    predict, meta = exported.load_generator(source.export_dir)
+    if not constrained or meta["num_beams"] < max(ks):
+      raise ValueError(f"the export decodes {meta['num_beams']} constrained beams; re-export to change that")
+    converter = exported.load_eval_converter(source.export_dir)
+  else:
+    import recjax.tasks as tasks
+    tables = generative.trie_tables(tasks.semantic_ids_of(mixture_or_task_name))
+    predict = generative.checkpoint_predictor(source.model, source.trainer, source.params, tables,
+                                              num_beams=num_beams, constrained=constrained, free=free)
+    converter = source.model.eval_feature_converter()
+  results = {}
+  for split in splits:
+    for task in eval_lib.eval_task_names(mixture_or_task_name):
+      batches = eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size)
+      results[f"{split}/model" if task == mixture_or_task_name else f"{split}/{task}/model"] = (
+          generative.rank_generated(predict, batches, ks=ks, put=source.put))
+  mode = "trie-constrained" if constrained else ("free" if free else "per-level codebooks")
+  protocol = (f"generative retrieval: {num_beams} beams, {mode} decoding, target ranked among the decoded "
+              "items, history not excluded")
+  return results, protocol

@@ -1,0 +1,73 @@
+"""Generative retrieval: rank the held-out item among a model's decoded items.
+
+The model generates K items per row (`predict_batch`: trie-constrained beam search over
+semantic IDs for TIGER); the target's position among them is its rank (past K: a miss).
+Recall@k / NDCG@k come from the one metrics core (`ranking.RankingMetrics`); MRR is left
+out (it would be truncated at K). History items are not excluded (TIGER's protocol: the
+decoder may regenerate an item the user already has). Unconstrained decoding also counts
+the returned IDs that name no item (`invalid_id_fraction`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recjax.evaluation import ranking
+from recjax.models import beam_search as bs
+
+# The eval converter's features a generative model reads (EncoderDecoderConverter).
+FEATURES = ("encoder_input_tokens",)
+
+
+def trie_tables(sids) -> bs.TrieTables:
+  """The decoding trie of a task's semantic IDs (`recjax.tasks.semantic_ids_of`)."""
+  return bs.trie_tables_of(sids)
+
+
+@jax.jit
+def _ranks(items, scores, targets, valid):
+  top = items.shape[1]
+  hit = items == targets[:, None]
+  rank = jnp.where(hit.any(1), jnp.argmax(hit, 1), top)  # a miss ranks past every cutoff
+  live = jnp.isfinite(scores) & valid[:, None]
+  return rank, jnp.stack([jnp.sum(live & (items < 0)), jnp.sum(live)])
+
+
+def rank_generated(predict: Callable, batches: Iterable[dict], *, ks: Sequence[int],
+                   put: Callable = jnp.asarray) -> dict[str, float]:
+  """Metrics of `predict(features) -> (items [B, K], scores [B, K])` over eval batches
+  (with "target_item" and the "valid" padding mask); `put` makes this process's rows a
+  global array (several processes)."""
+  acc, counts = ranking.RankingMetrics(ks), []
+  top = max(ks)
+  for batch in batches:
+    items, scores = predict({k: put(batch[k]) for k in FEATURES if k in batch})
+    if items.shape[1] < top:
+      raise ValueError(f"the model returned {items.shape[1]} items per row, fewer than max(ks) = {top}: "
+                       "decode with at least that many beams")
+    valid = put(batch["valid"])
+    rank, count = _ranks(items[:, :top], scores[:, :top], put(batch["target_item"]), valid)
+    acc.update(rank, valid=valid)
+    counts.append(count)
+  out = {k: v for k, v in acc.result().items() if k != "mrr"}
+  invalid, live = np.sum(jax.device_get(counts), 0) if counts else (0, 0)
+  out["invalid_id_fraction"] = float(invalid) / max(float(live), 1.0)
+  return out
+
+
+def checkpoint_predictor(model, trainer, params, tables: bs.TrieTables, *, num_beams: int,
+                         constrained: bool = True, free: bool = False) -> Callable:
+  """predict(features) -> (items, scores) of in-memory parameters (jitted once)."""
+
+  @jax.jit
+  def run(params, tables, frozen, batch):
+    if frozen:
+      batch = dict(batch, frozen=frozen)
+    return model.predict_batch(trainer.network(params), batch, tables, num_beams=num_beams,
+                               constrained=constrained, free=free)
+
+  return lambda batch: run(params, tables, trainer.frozen, batch)

@@ -1,0 +1,88 @@
+"""The model contract: what the trainer, the evaluators and export know of a model.
+
+A recjax model is a (gin-configured) dataclass of hyper-parameters. gin's `MODEL` names its
+class; the entrypoints build it as `MODEL(vocab_size=V)`, with V the vocabulary size of the
+task feature named by `VOCAB_FEATURE` ("items" for item-ID models, "targets" for
+semantic-ID ones). The network is a Flax NNX module; everything else is a pure function
+of (network, batch), so the trainer can jit one step over (graphdef, params) and shard it
+with the logical axis names the parameters carry (t5x's `BaseModel` is the reference).
+
+Two kinds of models, chosen by `EVALUATOR` (the name of the evaluator registered in
+`recjax.evaluation.evaluators` that evaluates it by default):
+
+  scoring    ("ranking")  `queries(net, batch)` -> [B, D] and `output_table(net, frozen)`
+             -> (table [V, D], bias [V]): full-catalogue ranking is queries . table + bias
+             (Bert4Rec, SASRec+, FLARE)
+  generating ("generative_retrieval")  `predict_batch(net, batch, tables, num_beams=K)` ->
+             (items [B, K], scores [B, K]), best first; `tables` is the decoding trie of
+             the task's semantic IDs (TIGER; Mender later)
+
+Frozen inputs (e.g. FLARE's cached text-encoder states) are named by the optional
+`frozen_inputs(task_name)` -> {name: (array, logical axes)}; the trainer places them on the
+mesh once and hands them to `loss_fn` / `queries` as batch["frozen"]; they are never
+differentiated or checkpointed.
+
+Models import nothing from `recjax.train`, `recjax.evaluation`, `tasks`,
+`recjax.data.formats` or `recjax.data.prepare` (tests/test_layering.py checks this).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@runtime_checkable
+class Model(Protocol):
+  """What every model provides."""
+
+  vocab_size: int
+  VOCAB_FEATURE: str  # the task feature whose vocabulary sets `vocab_size`
+  EVALUATOR: str  # the evaluator that evaluates it by default
+
+  def network(self, rngs: nnx.Rngs) -> nnx.Module:
+    """A freshly initialised network (parameters carry logical axis names)."""
+
+  def loss_fn(self, net: nnx.Module, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Metrics]:
+    """(mean loss, float32 sums) of a batch; `rng` None means deterministic (no dropout).
+
+    The sums the trainer reads: "loss_sum", "targets", "accuracy_sum", "items",
+    "dropped_targets"; auxiliary losses add "<name>_sum" and "<name>_count"."""
+
+  def feature_converter(self, pack: bool = True, seed: int = 0) -> Any:
+    """The seqio.FeatureConverter of training batches."""
+
+  def eval_feature_converter(self) -> Any:
+    """The seqio.FeatureConverter of evaluation batches (one example per row)."""
+
+
+@runtime_checkable
+class ScoringModel(Model, Protocol):
+
+  def queries(self, net: nnx.Module, batch: Batch) -> jax.Array:
+    """float32 [B, D] query vectors of an evaluation batch."""
+
+  def output_table(self, net: nnx.Module, frozen: dict | None = None) -> tuple[jax.Array, jax.Array]:
+    """(table [V, D], bias [V]) the queries are scored against."""
+
+
+@runtime_checkable
+class GenerativeModel(Model, Protocol):
+
+  def predict_batch(self, net: nnx.Module, batch: Batch, tables: Any, *, num_beams: int,
+                    constrained: bool = True, free: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(items [B, K], scores [B, K]) for K = num_beams, best first; item -1 names no item."""
+
+
+def vocab_feature(model_factory) -> str:
+  """The task feature whose vocabulary size a model class (or gin factory) is built with."""
+  return getattr(model_factory, "VOCAB_FEATURE", "items")
+
+
+def evaluator_name(model) -> str:
+  return getattr(model, "EVALUATOR", "ranking")
