@@ -81,17 +81,21 @@ def _has_critiques(task_name: str) -> bool:
 def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
            task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
            export_dir: str = gin.REQUIRED, top_k: int = 20, checkpoint_step: int | None = None,
-           num_beams: int = 20, mesh_fn: Callable = mesh_lib.create_mesh,
+           num_beams: int = 20, batch_size: int | None = None, mesh_fn: Callable = mesh_lib.create_mesh,
            logical_axis_rules=mesh_lib.DEFAULT_RULES) -> str:
   """Writes EXPORT_DIR (see the module docstring); returns its path. `num_beams`: the
-  beams (= items returned) a generative model's export decodes."""
+  beams (= items returned) a generative model's export decodes; `batch_size`: its fixed
+  batch (None: symbolic). Evaluated with the same batch size as the checkpoint, a fixed
+  batch compiles the same program, so near-tied beams order alike and the metrics match
+  exactly; the reader pads smaller batches."""
   out = pathlib.Path(export_dir)
   out.mkdir(parents=True, exist_ok=True)
   mesh = mesh_fn()
   source = evaluators.Source.from_checkpoint(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
                                              checkpoint_step, task_feature_lengths)
   if base.evaluator_name(source.model) == "generative_retrieval":
-    return _export_generative(source, out, mixture_or_task_name, task_feature_lengths, num_beams, model_dir)
+    return _export_generative(source, out, mixture_or_task_name, task_feature_lengths, num_beams, model_dir,
+                              batch_size)
   scorer, step = eval_lib.params_scorer(source.model, source.trainer, source.params), source.step
   flat, keys, treedef = _flatten(scorer.params)
   np.savez(out / "params.npz", **flat)
@@ -148,7 +152,7 @@ def _write_items(out: pathlib.Path, task_name: str) -> None:
 
 
 def _export_generative(source, out: pathlib.Path, task_name: str, task_feature_lengths, num_beams: int,
-                       model_dir) -> str:
+                       model_dir, batch_size: int | None) -> str:
   import recjax.tasks as tasks
   model, trainer = source.model, source.trainer
   tables = generative.trie_tables(tasks.semantic_ids_of(task_name))
@@ -164,7 +168,7 @@ def _export_generative(source, out: pathlib.Path, task_name: str, task_feature_l
     trie = type(tables)(children=tuple(children), offsets=tables.offsets, sizes=tables.sizes)
     return model.predict_batch(trainer.network(params), batch, trie, num_beams=num_beams)
 
-  (b,) = jax.export.symbolic_shape("b")
+  b = batch_size or jax.export.symbolic_shape("b")[0]
   params_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
   children_spec = tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in tables.children)
   batch_spec = {"encoder_input_tokens": jax.ShapeDtypeStruct((b, lengths["encoder_input_tokens"]), jnp.int32)}
@@ -173,6 +177,7 @@ def _export_generative(source, out: pathlib.Path, task_name: str, task_feature_l
   (out / "config.gin").write_text(gin.operative_config_str())
   metadata = {"step": int(source.step), "task": task_name, "evaluator": "generative_retrieval",
               "vocab_size": int(model.vocab_size), "num_beams": int(num_beams), "batch_features": features,
+              "batch_size": batch_size,
               "task_feature_lengths": {k: int(v) for k, v in task_feature_lengths.items()},
               "trie": {"offsets": [int(o) for o in tables.offsets], "sizes": [int(z) for z in tables.sizes]},
               "converter": {"class": type(converter).__name__,

@@ -65,9 +65,9 @@ def test_model_examples_layouts(setup):
   sids, _, _, sizes = setup
   split = toy_split(10, 0)
   t = mender.model_examples(split, sids.tokens, tiger.Tiger(vocab_size=sids.vocab_size, **sizes))
-  assert t["encoder_tokens"].shape == (10, 5 * 3) and "preferences" not in t
+  assert t["encoder_input_tokens"].shape == (10, 5 * 3) and "preferences" not in t
   # The most recent max_items of the 6 history slots are kept; pads have no tokens.
-  np.testing.assert_array_equal(t["encoder_mask"], t["encoder_tokens"] > 0)
+  assert t["decoder_loss_weights"].shape == (10, 3)
   m = mender.model_examples(split, sids.tokens, mender.MenderEmb(vocab_size=sids.vocab_size, embed_dim=DIM,
                                                                  num_preferences=3, **sizes))
   assert m["history"].shape == (10, 5) and m["preferences"].shape == (10, 3)
@@ -77,7 +77,7 @@ def test_model_examples_layouts(setup):
   np.testing.assert_array_equal(mender.recent_items(np.array([[5, 6, 7, 8, 9, 10], [5, 0, 0, 0, 0, 0]]), 3),
                                 [[8, 9, 10], [5, 0, 0]])
   assert (m["preferences"][:, 2] == -1).all() and (m["preferences"][:, 0] == split["preferences"][:, 0]).all()
-  np.testing.assert_array_equal(m["targets"], sids.tokens[split["target"]])
+  np.testing.assert_array_equal(m["decoder_target_tokens"], sids.tokens[split["target"]])
 
 
 def test_the_preference_steers_the_generated_item(setup):

@@ -178,12 +178,13 @@ def test_unconstrained_search_produces_invalid_ids_and_they_are_counted():
 def test_cached_decoding_equals_the_full_forward_pass():
   sids = make_sids(30)
   model, net, batch = _untrained(sids, seed=2, num_layers=2, user_buckets=7)
-  memory = net.encode(batch["encoder_tokens"], batch["encoder_mask"])
+  mask = (batch["encoder_input_tokens"] > 0).astype(jnp.int32)
+  memory = net.encode(batch["encoder_input_tokens"], mask)
   full = model.logits(net, batch)  # teacher forcing, one pass, causal mask
-  b = batch["targets"].shape[0]
+  b = batch["decoder_target_tokens"].shape[0]
   cache, cross = net.init_cache(b), net.cross_cache(memory)
-  inputs = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), batch["targets"][:, :-1]], 1)
-  step = jax.jit(lambda c, t: net.decode_step(c, t, cross, batch["encoder_mask"]))
+  inputs = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), batch["decoder_target_tokens"][:, :-1]], 1)
+  step = jax.jit(lambda c, t: net.decode_step(c, t, cross, mask))
   for pos in range(model.id_length):
     logits, cache = step(cache, inputs[:, pos])
     np.testing.assert_allclose(logits, full[:, pos], atol=1e-4, rtol=1e-4)
@@ -214,52 +215,39 @@ def test_tiny_tiger_learns_a_deterministic_next_item_rule():
   assert got["count"] == 200 and got["recall@1"] > 0.9 and got["invalid_id_fraction"] == 0.0
 
 
-def test_examples_from_a_prepared_dataset(synthetic_prepared, tmp_path):
-  import shutil
+def test_semantic_id_task_and_converter(synthetic_prepared, with_random_ids):
+  """DS_sid_NAME: every training prefix is an example; the converter keeps the most recent
+  whole IDs after the user token; eval splits hold out items[-2] / items[-1]."""
+  import seqio
+  import recjax.tasks as tasks
+  from recjax.data.converters import user_bucket
   from recjax.data.prepared import PreparedDataset
-  data = tmp_path / "synthetic"
-  shutil.copytree(synthetic_prepared["synthetic"], data)
-  ds = PreparedDataset(data)
-  rng = np.random.default_rng(0)
-  n = ds.vocab_size - 2
-  codes = np.full((ds.vocab_size, 4), -1, np.int32)
-  codes[2:] = rqvae.add_unique_level(rng.integers(0, 4, (n, 3)), 64)
-  rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
-  sids = rqvae.load_semantic_ids(data, "rand")
-  model = tiny_model(sids, max_items=3, user_buckets=11)
-  seqs = ds.sequences(["items"]).column("items").to_pylist()
-  train = tiger.build_examples(data, sids, model, "train")
-  assert len(train["weights"]) == sum(max(len(s) - 3, 0) for s in seqs)
-  tok = sids.tokens
-  for split, target in (("valid", -2), ("test", -1)):
-    ex = tiger.build_examples(data, sids, model, split)
-    assert ex["encoder_tokens"].shape == (len(seqs), 1 + 3 * 4)
-    np.testing.assert_array_equal(ex["target_items"], [s[target] for s in seqs])
-    np.testing.assert_array_equal(ex["targets"], tok[ex["target_items"]])
-    s = seqs[0][:len(seqs[0]) + target]  # the history: last 3 items before the target
-    want = tok[np.asarray(s[-3:])].reshape(-1)
-    np.testing.assert_array_equal(ex["encoder_tokens"][0, 1:1 + len(want)], want)
-    user = ex["encoder_tokens"][:, 0]
-    assert np.all((user >= sids.vocab_size) & (user < sids.vocab_size + 11))
-    assert np.all(ex["encoder_mask"] == (ex["encoder_tokens"] > 0))
-
-
-def test_tiger_command_trains_and_reports(synthetic_prepared, with_random_ids):
-  import json
-  import os
-  import subprocess
-  import sys
   data = with_random_ids(synthetic_prepared["synthetic"])
-  cmd = [sys.executable, "-m", "recjax.main", "tiger", "--data", str(data), "--ids", "rand", "--steps", "20",
-         "--batch_size", "32", "--d_model", "16", "--d_kv", "8", "--num_heads", "2", "--d_ff", "32",
-         "--num_layers", "1", "--num_beams", "10", "--unconstrained_users", "50"]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
-  assert out.returncode == 0, out.stderr[-3000:]
-  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-  data_row, *train_rows = [r for r in rows if r.get("event") != "test"]
-  assert data_row["event"] == "data" and data_row["test_users"] == 300
-  assert train_rows[-1]["step"] == 20 and np.isfinite(train_rows[-1]["loss"])
-  tests = {r["mode"]: r for r in rows if r.get("event") == "test"}
-  assert tests["constrained"]["count"] == 300 and tests["constrained"]["invalid_id_fraction"] == 0
-  assert tests["unconstrained_free"]["count"] == 50
-  assert 0 <= tests["constrained"]["ndcg@10"] <= tests["constrained"]["recall@10"] <= 1
+  tasks.register_dataset_tasks("sidt", data)
+  sids = tasks.semantic_ids_of("sidt_sid_rand")
+  seqs = PreparedDataset(data).sequences(["user_id", "items"]).to_pylist()
+  model = tiny_model(sids, max_items=3, user_buckets=11)
+  conv = model.feature_converter()
+  lengths = model.task_feature_lengths()
+  assert lengths == {"inputs": 13, "targets": 4}
+  def rows(split):
+    ds = seqio.get_mixture_or_task("sidt_sid_rand").get_dataset(None, split=split, shuffle=False,
+                                                                 trim_output_features=False)
+    return next(conv(ds, lengths).batch(100_000).as_numpy_iterator())
+
+  train = rows("train")
+  assert len(train["target_item"]) == sum(len(r["items"]) - 3 for r in seqs)
+  tok = sids.tokens
+  for split, cut in (("validation", -2), ("test", -1)):
+    got = rows(split)
+    order = np.argsort(got["user_id"])
+    got = {k: v[order] for k, v in got.items()}
+    np.testing.assert_array_equal(got["target_item"], [r["items"][cut] for r in seqs])
+    np.testing.assert_array_equal(got["decoder_target_tokens"], tok[got["target_item"]])
+    np.testing.assert_array_equal(got["decoder_input_tokens"][:, 1:], got["decoder_target_tokens"][:, :-1])
+    assert np.all(got["decoder_input_tokens"][:, 0] == tiger.START_TOKEN)
+    hist = seqs[0]["items"][:len(seqs[0]["items"]) + cut]
+    want = tok[np.asarray(hist[-3:])].reshape(-1)  # the 3 most recent items before the target
+    np.testing.assert_array_equal(got["encoder_input_tokens"][0, 1:1 + len(want)], want)
+    np.testing.assert_array_equal(got["encoder_input_tokens"][:, 0],
+                                  sids.vocab_size + user_bucket([r["user_id"] for r in seqs], 11))

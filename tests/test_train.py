@@ -345,3 +345,129 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tsyn, tmp_path):
   assert "Traceback" not in bad.stderr
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [5]
+
+
+# --- TIGER (semantic IDs) through the same trainer ------------------------------------
+
+TIGER = [
+    "--gin_file=experiments/quickstart_tiger.gin",
+    "--gin.MIXTURE_OR_TASK_NAME='tsyn_sid_rand'",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 12, 'targets': 4}",
+    "--gin.MAX_ITEMS=3",
+    "--gin.BATCH_SIZE=16",
+    "--gin.tiger.Tiger.d_model=16", "--gin.tiger.Tiger.d_kv=8", "--gin.tiger.Tiger.num_heads=2",
+    "--gin.tiger.Tiger.d_ff=32", "--gin.tiger.Tiger.num_layers=1",
+    "--gin.loop.train.log_every=5",
+    "--gin.loop.make_optimizer.schedule='constant'",
+    "--gin.loop.make_optimizer.warmup_steps=0",
+    "--gin.NUM_BEAMS=10",
+    "--gin.EVAL_BATCH_SIZE=64",
+]
+
+
+@pytest.fixture(scope="module")
+def tsid(synthetic_prepared, tmp_path_factory):
+  """The synthetic set with random semantic IDs "rand" (3 x 4 codes + a unique level)."""
+  import shutil
+  from recjax.data.prepared import PreparedDataset
+  from recjax.models import rqvae
+  data = tmp_path_factory.mktemp("tsid") / "synthetic"
+  shutil.copytree(synthetic_prepared["synthetic"], data)
+  n = PreparedDataset(data).vocab_size
+  codes = np.full((n, 4), -1, np.int32)
+  codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
+  rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
+  return data
+
+
+def test_tiger_trains_evaluates_and_its_export_reevaluates_identically(tsid, tmp_path):
+  run = [*TIGER, "--gin.TRAIN_STEPS=30", f"--gin.MODEL_DIR={tmp_path / 'm'}", f"--gin.EXPORT_DIR={tmp_path / 'e'}"]
+  for command in ("train", "evaluate", "export"):
+    out = recjax(command, *run, dataset=tsid)
+    assert out.returncode == 0, (command, out.stderr[-3000:])
+  out = recjax("evaluate", *run, "--exported", tmp_path / "e", dataset=tsid)
+  assert out.returncode == 0, out.stderr[-3000:]
+  ckpt = json.loads((tmp_path / "m" / "eval_step_30.json").read_text())
+  exp = json.loads((tmp_path / "e" / "eval_export.json").read_text())
+  assert ckpt["evaluator"] == exp["evaluator"] == "generative_retrieval"
+  assert ckpt["results"] == exp["results"]  # the export alone decodes the same beams
+  test = ckpt["results"]["test/model"]
+  assert test["count"] == 300 and test["invalid_id_fraction"] == 0.0
+  assert 0 <= test["ndcg@10"] <= test["recall@10"] <= 1
+  assert {p.name for p in (tmp_path / "e").iterdir()} >= {"params.npz", "trie.npz", "generate.jaxexport",
+                                                          "metadata.json", "config.gin"}
+  # A TASK_FEATURE_LENGTHS that does not fit the model is one sentence naming both.
+  bad = recjax("train", *run, "--gin.TASK_FEATURE_LENGTHS={'inputs': 40, 'targets': 4}", dataset=tsid)
+  assert bad.returncode != 0 and "'inputs' is 40 but the model reads 12" in bad.stderr
+
+
+def test_tiger_sigkill_then_resume_matches_uninterrupted(tsid, tmp_path):
+  run = [*TIGER, "--gin.TRAIN_STEPS=60", "--gin.loop.train.checkpoint_every=10"]
+  full = recjax("train", *run, f"--gin.MODEL_DIR={tmp_path / 'full'}", dataset=tsid)
+  assert full.returncode == 0, full.stderr[-2000:]
+  killed = tmp_path / "killed"
+  proc = _popen(["train", *run, f"--gin.MODEL_DIR={killed}"], tsid)
+  _wait_for_checkpoint(killed, 20, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < 60, steps
+  resumed = recjax("train", *run, f"--gin.MODEL_DIR={killed}", dataset=tsid)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  (step_a, a), (step_b, b) = checkpoint_params(tmp_path / "full"), checkpoint_params(killed)
+  assert step_a == step_b == 60 and a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+_TIGER_REFERENCE = textwrap.dedent("""
+    import functools, sys
+    import jax, numpy as np, seqio
+    from recjax.train import loop, mesh as mesh_lib
+    from recjax.models import tiger
+    from recjax.data import pipeline
+    import recjax.tasks as tasks
+    tasks.register_dataset_tasks("tsyn", sys.argv[1])
+    steps = int(sys.argv[2])
+    model = tiger.Tiger(vocab_size=loop.item_vocab_size("tsyn_sid_rand", "targets"), max_items=3, user_buckets=0,
+                        d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=1)
+    lengths = {"inputs": 12, "targets": 4}
+    # What two processes feed: each its own shard; the global batch is their concatenation.
+    shards = [pipeline.DataIterator("tsyn_sid_rand", split="train", feature_converter=model.feature_converter(),
+                                    task_feature_lengths=lengths, batch_size=16, shuffle=True, seed=0,
+                                    shard_info=seqio.ShardInfo(i, 2)) for i in range(2)]
+    mesh = mesh_lib.create_mesh()
+    opt = functools.partial(loop.make_optimizer, learning_rate=1e-3, schedule="constant", warmup_steps=0)
+    trainer = loop.Trainer(model, mesh, mesh_lib.DEFAULT_RULES, seed=0, total_steps=steps, optimizer_fn=opt)
+    with jax.set_mesh(mesh):
+      state, step = trainer.init_state(), trainer.make_train_step()
+      for _ in range(steps):
+        parts = [next(s) for s in shards]
+        state, _ = step(state, trainer.to_global({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
+    leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    def names(path):
+      parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+      return "/".join(parts[:-1] if parts[-1] == "value" else parts)
+    np.savez(sys.argv[3], **{names(k): np.asarray(v) for k, v in leaves})
+""")
+
+
+def test_tiger_two_processes_match_one_process(tsid, tmp_path):
+  model_dir = tmp_path / "mp"
+  cmd = [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes", "2", "--",
+         sys.executable, "-m", "recjax.main", "train", *TIGER, "--gin.TRAIN_STEPS=12",
+         f"--gin.MODEL_DIR={model_dir}", "--dataset", f"tsyn={tsid}"]
+  two = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert two.returncode == 0, two.stdout[-3000:]
+  assert "[1]" in two.stdout  # both processes ran
+  script = tmp_path / "reference.py"
+  script.write_text(_TIGER_REFERENCE)
+  ref = subprocess.run([sys.executable, str(script), str(tsid), "12", str(tmp_path / "ref.npz")],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  step, got = checkpoint_params(model_dir)
+  want = dict(np.load(tmp_path / "ref.npz"))
+  assert step == 12 and set(want) == set(got)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)

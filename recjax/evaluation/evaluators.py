@@ -101,8 +101,10 @@ def generative_retrieval(*, source: Source, mixture_or_task_name: str, task_feat
   if source.export_dir:
     from recjax.evaluation import exported
     predict, meta = exported.load_generator(source.export_dir)
-    if not constrained or meta["num_beams"] < max(ks):
-      raise ValueError(f"the export decodes {meta['num_beams']} constrained beams; re-export to change that")
+    if not constrained or meta["num_beams"] != num_beams:
+      raise ValueError(f"{source.export_dir} decodes {meta['num_beams']} trie-constrained beams, but "
+                       f"{num_beams} {'constrained' if constrained else 'unconstrained'} ones were asked for; "
+                       "set NUM_BEAMS alike for export and evaluation, or re-export")
     converter = exported.load_eval_converter(source.export_dir)
   else:
     import recjax.tasks as tasks

@@ -59,8 +59,19 @@ def load_generator(export_dir):
   with np.load(d / "trie.npz") as z:
     children = tuple(jnp.asarray(z[f"level_{l}"]) for l in range(len(meta["trie"]["sizes"])))
   exported = jax.export.deserialize((d / "generate.jaxexport").read_bytes())
-  features = meta["batch_features"]
-  return (lambda batch: exported.call(params, children, {k: batch[k] for k in features})), meta
+  features, fixed = meta["batch_features"], meta.get("batch_size")
+
+  def predict(batch):
+    batch = {k: jnp.asarray(batch[k]) for k in features}
+    n = len(batch[features[0]])
+    if fixed is None or n == fixed:
+      return exported.call(params, children, batch)
+    if n > fixed:
+      raise ValueError(f"{d} decodes batches of {fixed} rows, got {n}")
+    pad = {k: jnp.pad(v, [(0, fixed - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+    return jax.tree.map(lambda x: x[:n], exported.call(params, children, pad))
+
+  return predict, meta
 
 
 def trie_from_export(export_dir) -> bs.TrieTables:
