@@ -222,19 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
   q.set_defaults(func=cmd_bench_report)
   _add_semantic_ids_parser(sub)
   _add_wals_parser(sub)
-  q = sub.add_parser("tiger", help="train TIGER on semantic IDs, evaluate with constrained beam search",
-                     description="TIGER (recjax/models/tiger.py) on a prepared dataset with semantic IDs "
-                     "(`recjax semantic-ids`): every training prefix is an example; the test split is "
-                     "ranked by trie-constrained beam search (history not excluded), and unconstrained "
-                     "decoding on a sample of users measures invalid IDs. JSON lines.")
-  q.add_argument("--data", required=True, help="prepared dataset directory")
-  q.add_argument("--ids", default="rqvae", help="name of the semantic-ID set")
-  q.add_argument("--steps", type=int, default=1000)
-  q.add_argument("--batch_size", type=int, default=128)
-  _add_seq2seq_args(q)
-  q.add_argument("--user_buckets", type=int, default=0)
-  q.add_argument("--unconstrained_users", type=int, default=5000)
-  q.set_defaults(func=cmd_tiger)
   q = sub.add_parser("mender", help="preference-discerning benchmark: TIGER vs Mender_Emb / Mender_Tok on five axes",
                      description="Builds (once; saved under DIR/preference_benchmark/NAME.npz) the "
                      "preference-discerning benchmark from the dataset's ground-truth preferences, trains "
@@ -585,14 +572,6 @@ def cmd_reat(args) -> None:
                      d_kv=args.d_kv, d_ff=args.d_ff, num_heads=args.num_heads, num_layers=args.num_layers,
                      num_decoder_layers=args.num_decoder_layers, pretrained=args.pretrained)
   print(reat.format_results(results))
-
-
-def cmd_tiger(args) -> None:
-  from recjax.models import tiger  # pylint: disable=g-import-not-at-top
-  tiger.run(args.data, ids=args.ids, steps=args.steps, batch_size=args.batch_size,
-            learning_rate=args.learning_rate, num_beams=args.num_beams,
-            unconstrained_users=args.unconstrained_users, d_model=args.d_model, d_kv=args.d_kv,
-            num_heads=args.num_heads, d_ff=args.d_ff, num_layers=args.num_layers, user_buckets=args.user_buckets)
 
 
 def _bench_task(args) -> str:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from recjax.models import lumen, tiger
+from recjax.train.arrays import train_arrays
 
 PLACEHOLDER, ID_TOKEN, COLON = 3, 4, 5
 NUM_ITEMS = 10  # items 2..9
@@ -58,7 +59,7 @@ def _toy_model():
 
 def test_lumen_recommends_then_writes_about_the_item_it_chose():
   model = _toy_model()
-  trainer, state, history = tiger.train_tiger(model, _toy_examples(2048, 0), steps=300, batch_size=64,
+  trainer, state, history = train_arrays(model, _toy_examples(2048, 0), steps=300, batch_size=64,
                                               learning_rate=3e-3, warmup_steps=20, log_every=100)
   assert history[-1]["loss"] < history[0]["loss"]
   net = trainer.network(state.params)
@@ -135,7 +136,7 @@ def test_soft_prompts_carry_the_collaborative_signal():
     model = lumen.Lumen(**base, **kw)
     train = _fusion_examples(model, 1024, 0)
     used = {k: frozen[k] for k in model.soft_parts}
-    trainer, state, _ = tiger.train_tiger(model, train, steps=150, batch_size=64, learning_rate=3e-3,
+    trainer, state, _ = train_arrays(model, train, steps=150, batch_size=64, learning_rate=3e-3,
                                           warmup_steps=10, log_every=150, frozen_inputs=used)
     net = trainer.network(state.params)
     test = _fusion_examples(model, 64, 1)

@@ -10,7 +10,9 @@ import pytest
 
 from recjax.evaluation import preferences as prefs_lib
 from recjax.models import beam_search as bs
+from recjax.evaluation.generative import evaluate_arrays
 from recjax.models import mender, rqvae, tiger
+from recjax.train.arrays import train_arrays
 
 NUM_ITEMS, DIM, PREFS = 30, 8, 4
 
@@ -50,12 +52,12 @@ def setup():
 
 
 def _train_eval(model, sids, train, test, frozen_in, steps=150):
-  trainer, state, _ = tiger.train_tiger(model, mender.model_examples(train, sids.tokens, model), steps=steps,
+  trainer, state, _ = train_arrays(model, mender.model_examples(train, sids.tokens, model), steps=steps,
                                         batch_size=32, learning_rate=3e-3, warmup_steps=10, log_every=steps,
                                         frozen_inputs=frozen_in)
   net = trainer.network(state.params)
   with jax.set_mesh(trainer.mesh):
-    got = tiger.evaluate_tiger(model, net, mender.model_examples(test, sids.tokens, model), bs.trie_tables_of(sids),
+    got = evaluate_arrays(model, net, mender.model_examples(test, sids.tokens, model), bs.trie_tables_of(sids),
                                num_beams=4, ks=(1,), frozen=trainer.frozen if frozen_in else None,
                                return_items=True)
   return got, trainer, state

@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 from recjax.models import beam_search as bs
+from recjax.evaluation.generative import evaluate_arrays
 from recjax.models import rqvae, tiger
+from recjax.train.arrays import train_arrays
 
 
 def make_sids(num_items: int, sizes=(3, 3, 3, 4), seed: int = 0) -> rqvae.SemanticIds:
@@ -206,12 +208,12 @@ def test_tiny_tiger_learns_a_deterministic_next_item_rule():
   train = tiger.examples_from_sequences([s[:-1] for s in seqs], sids.tokens, model, every_prefix=True)
   test = tiger.examples_from_sequences(seqs, sids.tokens, model, every_prefix=False)
   assert len(train["weights"]) == 200 * 6 and len(test["weights"]) == 200
-  trainer, state, history = tiger.train_tiger(model, train, steps=300, batch_size=64, learning_rate=3e-3,
+  trainer, state, history = train_arrays(model, train, steps=300, batch_size=64, learning_rate=3e-3,
                                               warmup_steps=20, log_every=100)
   assert history[-1]["loss"] < 0.2 * history[0]["loss"]
   net = trainer.network(state.params)
   tables = bs.trie_tables_of(sids)
-  got = tiger.evaluate_tiger(model, net, test, tables, num_beams=12, ks=(1, 10), batch_size=64)
+  got = evaluate_arrays(model, net, test, tables, num_beams=12, ks=(1, 10), batch_size=64)
   assert got["count"] == 200 and got["recall@1"] > 0.9 and got["invalid_id_fraction"] == 0.0
 
 

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax.evaluation import ranking
+from flax import nnx
+
 from recjax.models import beam_search as bs
 
 # The eval converter's features a generative model reads (EncoderDecoderConverter).
@@ -71,3 +73,49 @@ def checkpoint_predictor(model, trainer, params, tables: bs.TrieTables, *, num_b
                                constrained=constrained, free=free)
 
   return lambda batch: run(params, tables, trainer.frozen, batch)
+
+
+def evaluate_arrays(model, net, examples: dict, tables: bs.TrieTables, *,
+                   num_beams: int = 20, ks=(5, 10), batch_size: int = 256, constrained: bool = True,
+                   free: bool = False, frozen: dict | None = None, return_items: bool = False) -> dict:
+  """Recall@K / NDCG@K of the top beams (history not excluded) and, for unconstrained
+  decoding, the fraction of returned IDs (top max(ks) live beams) that name no item.
+  `frozen`: the trainer's frozen inputs on device (`Trainer.frozen`), for models that read
+  them; `return_items`: also return the top max(ks) items per example ("items" [N, K])."""
+  top = max(ks)
+  if num_beams < top:
+    raise ValueError(f"num_beams ({num_beams}) must be at least max(ks) ({top})")
+
+  graphdef, params = nnx.split(net)
+
+  @jax.jit  # parameters and tables as arguments, not constants baked into the program
+  def run(params, tables, frozen, batch):
+    net = nnx.merge(graphdef, params)
+    if frozen:
+      batch = dict(batch, frozen=frozen)
+    _, scores, items = model.generate(net, batch, tables, num_beams=num_beams, constrained=constrained,
+                                    free=free)
+    hit = items[:, :top] == batch["target_items"][:, None]
+    rank = jnp.where(hit.any(1), jnp.argmax(hit, 1), top)  # a miss ranks past every cutoff
+    live = jnp.isfinite(scores[:, :top]) & (batch["weights"][:, None] > 0)
+    return rank, jnp.stack([jnp.sum(live & (items[:, :top] < 0)), jnp.sum(live)]), items[:, :top]
+
+  acc, counts, tops = ranking.RankingMetrics(ks), [], []
+  n = len(examples["weights"])
+  fields = [f for f in model.batch_fields if f not in ("decoder_target_tokens", "decoder_loss_weights")]
+  fields += ["target_items"]
+  for s in range(0, n, batch_size):
+    batch = {k: examples[k][s:s + batch_size] for k in fields}
+    pad = batch_size - len(batch["weights"])  # one shape: one compilation
+    batch = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+    rank, count, items = run(params, tables, frozen or {}, batch)
+    acc.update(rank, valid=batch["weights"] > 0)
+    counts.append(count)
+    if return_items:
+      tops.append(items[:batch_size - pad])
+  out = {k: v for k, v in acc.result().items() if k != "mrr"}  # MRR would be truncated at `top`
+  invalid, live = np.sum(jax.device_get(counts), 0)
+  out["invalid_id_fraction"] = float(invalid) / max(float(live), 1.0)
+  if return_items:
+    out["items"] = np.concatenate(jax.device_get(tops)) if tops else np.zeros((0, top), np.int32)
+  return out

@@ -19,7 +19,7 @@ so every target starts at the same index and the text softmax runs only over the
 slots (the vocabulary projection is the largest matmul of a small LM).
 
   examples = build_examples(task_names, "train", lumen)    # numpy arrays, from SeqIO
-  trainer, state, log = tiger.train_tiger(lumen, examples, steps=...)
+  trainer, state, log = train_arrays(lumen, examples, steps=...)
   scores = evaluate(lumen, trainer.network(state.params), test_examples, vocabulary)
 """
 
@@ -585,7 +585,7 @@ def run(examples_dir, *, settings=None, steps: int = 1000, batch_size: int = 32,
   generated texts are kept in each row's "outputs". `callback(setting, model, test,
   generated, top_items)` sees each setting's outputs (e.g. to show one conversation).
   Returns one row per setting (appended to `log_path` as JSON lines)."""
-  from recjax.models import tiger
+  from recjax.train.arrays import train_arrays  # the driver's trainer (issue 19 moves LUMEN onto loop.train)
   root = pathlib.Path(examples_dir)
   meta = json.loads((root / "meta.json").read_text())
   vocabulary = SentencePieceText(root / "spm.model")
@@ -610,7 +610,7 @@ def run(examples_dir, *, settings=None, steps: int = 1000, batch_size: int = 32,
                 "content": (tables["content"].astype(np.float32), (None, None))}
       frozen = {k: frozen[k] for k in model.soft_parts}
     start = time.perf_counter()
-    trainer, state, history = tiger.train_tiger(model, train, steps=steps, batch_size=batch_size, seed=seed,
+    trainer, state, history = train_arrays(model, train, steps=steps, batch_size=batch_size, seed=seed,
                                                 learning_rate=learning_rate, warmup_steps=min(100, steps // 10),
                                                 frozen_inputs=frozen)
     train_s = time.perf_counter() - start

@@ -291,10 +291,11 @@ def evaluate_axes(model, net, bench, item_tokens, tables, *, frozen=None, num_be
   consolidation) and sentiment following m@k (hit with the positive preference and no hit
   with the negative one). Every axis is decoded in one pass (one compiled beam search)."""
   from recjax.evaluation import preferences as prefs_lib
+  from recjax.evaluation.generative import evaluate_arrays
   names = [f"test_{a}" for a in AXES] + ["test_sentiment_positive", "test_sentiment_negative"]
   parts = [(n, bench.splits[n]) for n in names if n in bench.splits and len(bench.splits[n]["target"])]
   examples = concat_splits(*[model_examples(split, item_tokens, model) for _, split in parts])
-  items = tiger.evaluate_tiger(model, net, examples, tables, num_beams=num_beams, ks=(k,), frozen=frozen,
+  items = evaluate_arrays(model, net, examples, tables, num_beams=num_beams, ks=(k,), frozen=frozen,
                                return_items=True)["items"]
   top, start = {}, 0
   for name, split in parts:
@@ -395,7 +396,8 @@ def run(data_dir, *, ids: str = "rqvae", benchmark: str = "ground_truth", held_o
       train = {k: v[np.asarray(train["sign"]) > 0] for k, v in train.items()}
     examples = model_examples(train, item_tokens, model)
     t1 = time.perf_counter()
-    trainer, state, history = tiger.train_tiger(
+    from recjax.train.arrays import train_arrays  # the benchmark driver's trainer
+    trainer, state, history = train_arrays(
         model, examples, steps=steps, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
         warmup_steps=min(200, steps // 10), log_every=max(steps // 5, 1), frozen_inputs=frozen_in,
         callback=lambda step, row: emit({"event": "progress", "model": name, **row}))

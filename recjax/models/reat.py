@@ -222,10 +222,10 @@ def select(examples: dict, rows) -> dict:
 
 def train_reat(model: Reat, examples: dict, *, steps: int, batch_size: int = 32, seed: int = 0,
                learning_rate: float = 2e-3, warmup_steps: int = 100, **kwargs):
-  """`tiger.train_tiger` (the Trainer's jitted step on one host), starting from the
+  """`recjax.train.arrays.train_arrays` (the Trainer's jitted step on one host), starting from the
   checkpoint's parameters when `model.pretrained`. Returns (trainer, state, history)."""
-  from recjax.models import tiger
-  return tiger.train_tiger(model, examples, steps=steps, batch_size=batch_size, seed=seed,
+  from recjax.train.arrays import train_arrays  # the driver's trainer (issue 19 moves ReAT onto loop.train)
+  return train_arrays(model, examples, steps=steps, batch_size=batch_size, seed=seed,
                            learning_rate=learning_rate, warmup_steps=warmup_steps,
                            init_params=model.pretrained_params if model.pretrained else None, **kwargs)
 
