@@ -443,9 +443,10 @@ def _render_example(ex, features, titles: dict[int, str], max_items: int) -> str
   """Every feature decoded through its vocabulary; item sequences one item per line, with
   titles and the per-position (critique) features that align with them."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from recjax.data.vocab import ItemVocabulary  # pylint: disable=g-import-not-at-top
+  from recjax.data.vocab import ItemVocabulary, SemanticIdVocabulary  # pylint: disable=g-import-not-at-top
   lines = []
-  item_keys = [k for k, f in features.items() if k in ex and isinstance(f.vocabulary, ItemVocabulary)]
+  item_keys = [k for k, f in features.items() if k in ex and isinstance(f.vocabulary, ItemVocabulary)
+               and not isinstance(f.vocabulary, SemanticIdVocabulary)]
   per_position = {k: [c for c in features if c in ex and c not in item_keys and np.ndim(ex[c]) == 1
                       and np.ndim(ex[k]) == 1 and len(ex[c]) == len(ex[k])
                       and hasattr(features[c].vocabulary, "lookup")] for k in item_keys}

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from recjax.data import sequence_preprocessors as sp
 from recjax.data.sources import next_item_source
-from recjax.data.vocab import ItemVocabulary, NUM_RESERVED
+from recjax.data.vocab import SemanticIdVocabulary
 
 DESCRIPTIONS: dict[str, str] = {}
 # task name -> (data_dir, semantic-ID name): evaluators find the decoding trie here.
@@ -72,7 +72,7 @@ def register(name: str, data_dir) -> list[str]:
   added = []
   for ids in _semantic_ids().names(data_dir):
     meta = _semantic_ids().metadata(data_dir, ids)
-    vocab = ItemVocabulary(int(meta["vocab_size"]) - NUM_RESERVED)  # token ids; 0 = PAD
+    vocab = SemanticIdVocabulary(int(meta["vocab_size"]))
     task = f"{name}_sid_{ids}"
     seqio.TaskRegistry.add(
         task,

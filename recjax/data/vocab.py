@@ -224,6 +224,23 @@ class ItemVocabulary(seqio.Vocabulary):
     return f"ItemVocabulary(num_items={self._num_items}, extra_ids={self.extra_ids}{named})"
 
 
+class SemanticIdVocabulary(ItemVocabulary):
+  """Semantic-ID tokens (0 = PAD, 1 = EOS, then each level's codes): ids like item ids, but
+  not items (`recjax tasks show` prints them as tokens, not as titled items)."""
+
+  def __init__(self, vocab_size: int):
+    super().__init__(vocab_size - NUM_RESERVED)
+
+  def __eq__(self, other):
+    return isinstance(other, SemanticIdVocabulary) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(("sid", *self._key()))
+
+  def __repr__(self):
+    return f"SemanticIdVocabulary(vocab_size={self.vocab_size})"
+
+
 def _parse_int(tok: str) -> int | None:
   try:
     return int(tok)
