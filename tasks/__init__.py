@@ -138,6 +138,16 @@ def semantic_ids_of(task_name: str):
   return semantic_ids.semantic_ids_of(task_name)
 
 
+def preference_axes(task_name: str) -> dict[str, str]:
+  """{axis: task} of the preference benchmark (over semantic IDs) `task_name` belongs to."""
+  return semantic_ids.axis_tasks(task_name)
+
+
+def frozen_array(task_name: str, name: str):
+  """A frozen model input a task provides by name (e.g. "item_embeddings")."""
+  return semantic_ids.frozen_array(task_name, name)
+
+
 def describe(task_name: str) -> str:
   """One line about a task or mixture: its family's description, else its features."""
   for family in FAMILIES:

@@ -84,6 +84,36 @@ def _dataset_fn(path: pathlib.Path, axis: str):
   return dataset_fn
 
 
+def benchmarks(data_dir) -> dict[str, pathlib.Path]:
+  """{benchmark name: its file} of a prepared dataset."""
+  return {p.stem: p for p in sorted((pathlib.Path(data_dir) / BENCHMARK_DIR).glob("*.npz"))}
+
+
+def task_prefix(name: str, bench: str) -> str:
+  return f"{name}_pref" if bench == "ground_truth" else f"{name}_pref_{bench}"
+
+
+def split_arrays(path: pathlib.Path, axis: str, split: str) -> dict[str, np.ndarray]:
+  """The rows of an axis task's split (see `_arrays`)."""
+  return _arrays(str(path), path.stat().st_mtime_ns, AXES[axis][split])
+
+
+def preference_vocabulary(path: pathlib.Path):
+  """Statement id + 1 -> statement (0 = no preference)."""
+  return sp.CritiqueVocabulary(table=["", *_meta(path)["preferences"]])
+
+
+def split_sizes(path: pathlib.Path) -> dict[str, int]:
+  """Rows of every benchmark split."""
+  return dict(_meta(path)["stats"].get("splits", {}))
+
+
+def train_rows(path: pathlib.Path, axis: str) -> int:
+  """Rows of an axis's training split(s) (0: the axis has none)."""
+  sizes = split_sizes(path)
+  return sum(sizes.get(p, 0) for p in AXES[axis].get("train", ()))
+
+
 def register(name: str, data_dir) -> list[str]:
   """Registers the axis tasks (and the training mixture) of every benchmark built for the
   dataset `name`; returns their names (none when no benchmark exists)."""

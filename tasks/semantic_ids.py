@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -85,5 +86,108 @@ def register(name: str, data_dir) -> list[str]:
     DESCRIPTIONS[task] = (f"semantic IDs {ids!r} ({meta['levels']} tokens an item): history -> next item's "
                           "tokens; train on every prefix (TIGER)")
     SEMANTIC_IDS[task] = (str(data_dir), ids)
+    FROZEN[task] = {"semantic_id_tokens": functools.partial(lambda d, n: _semantic_ids().load(d, n).tokens,
+                                                            str(data_dir), ids)}
     added.append(task)
+  return added + register_preferences(name, data_dir)
+
+
+# --- preference discerning over semantic IDs (TIGER, Mender_Emb) -------------------------
+#
+# For a benchmark B (tasks/preferences.py) and semantic IDs NAME of the same dataset, one
+# task per axis, PREFIX_sid_NAME_AXIS (PREFIX = DS_pref, or DS_pref_B), with the splits of
+# the axis tasks, and the training mixture PREFIX_sid_NAME_mix (every training split, rates
+# by rows: the "+ extras" setting; the recommendation task alone is the plain one).
+# Features: the semantic-ID ones above, plus "history" (item ids, oldest first),
+# "preferences" (statement ids + 1, 0 = empty) and "sign" (-1: a negative preference whose
+# item must not be recommended).
+
+# task name -> {frozen input name: loader}: the arrays a model names (`frozen_input_names`)
+FROZEN: dict[str, dict] = {}
+# task or mixture name -> {axis: task} of its benchmark and semantic IDs
+AXIS_TASKS: dict[str, dict[str, str]] = {}
+
+
+def axis_tasks(task_name: str) -> dict[str, str]:
+  """{axis: task} of the preference benchmark a preference task (or mixture) belongs to."""
+  if task_name not in AXIS_TASKS:
+    raise ValueError(f"{task_name!r} is not a preference task over semantic IDs (DS_pref*_sid_NAME_*)")
+  return dict(AXIS_TASKS[task_name])
+
+
+def _preference_source(path, axis: str):
+  from . import preferences  # pylint: disable=g-import-not-at-top
+  splits = list(preferences.AXES[axis])
+
+  def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed
+    a = preferences.split_arrays(path, axis, split)
+    lengths = a["lengths"] - 1  # items = history, then the target
+    history = tf.RaggedTensor.from_tensor(tf.constant(a["items"], tf.int32), lengths=tf.constant(lengths))
+    target = a["items"][np.arange(len(lengths)), lengths]
+    prefs = tf.constant(a["preferences"], tf.int32)
+    prefs = tf.RaggedTensor.from_tensor(prefs, lengths=tf.reduce_sum(tf.cast(prefs > 0, tf.int32), 1))
+    return tf.data.Dataset.from_tensor_slices({
+        "history": history, "target": tf.constant(target, tf.int32), "preferences": prefs,
+        "sign": tf.constant(a["sign"], tf.float32), "user_id": tf.constant(a["user_id"], tf.int32),
+        "example_id": tf.range(len(lengths), dtype=tf.int64)})
+
+  sizes = preferences.split_sizes(path)
+  counts = {s: sum(sizes.get(p, 0) for p in preferences.AXES[axis][s]) for s in splits}
+  return seqio.FunctionDataSource(dataset_fn, splits=splits, num_input_examples=counts)
+
+
+def frozen_array(task_name: str, name: str) -> np.ndarray:
+  """A frozen input of a task (or of the first task of a mixture that has it)."""
+  provider = seqio.get_mixture_or_task(task_name)
+  for task in (provider.tasks if isinstance(provider, seqio.Mixture) else [provider]):
+    if name in FROZEN.get(task.name, {}):
+      return FROZEN[task.name][name]()
+  raise ValueError(f"task {task_name!r} provides no frozen input {name!r}; tasks over semantic IDs provide "
+                   "'semantic_id_tokens', preference tasks also 'item_embeddings' and 'preference_embeddings'")
+
+
+def _benchmark_array(path, key):
+  with np.load(path) as f:
+    return np.asarray(f[key], np.float32)
+
+
+def register_preferences(name: str, data_dir) -> list[str]:
+  from . import preferences  # pylint: disable=g-import-not-at-top
+  added = []
+  for ids in _semantic_ids().names(data_dir):
+    meta = _semantic_ids().metadata(data_dir, ids)
+    vocab = SemanticIdVocabulary(int(meta["vocab_size"]))
+    tokens_fn = functools.partial(lambda d, n: _semantic_ids().load(d, n).tokens, str(data_dir), ids)
+    for bench, path in preferences.benchmarks(data_dir).items():
+      prefix = f"{preferences.task_prefix(name, bench)}_sid_{ids}"
+      pref_vocab = preferences.preference_vocabulary(path)
+      frozen = {"semantic_id_tokens": tokens_fn,
+                "item_embeddings": functools.partial(_benchmark_array, path, "item_embeddings"),
+                "preference_embeddings": functools.partial(_benchmark_array, path, "pref_embeddings")}
+      rates = []
+      for axis in preferences.AXES:
+        task = f"{prefix}_{axis}"
+        seqio.TaskRegistry.add(
+            task, source=_preference_source(path, axis),
+            preprocessors=[functools.partial(sp.to_semantic_ids, tokens_fn=tokens_fn),
+                           seqio.CacheDatasetPlaceholder()],
+            output_features={"inputs": seqio.Feature(vocab, add_eos=False, dtype=tf.int32),
+                             "targets": seqio.Feature(vocab, add_eos=False, dtype=tf.int32),
+                             "preferences": seqio.Feature(pref_vocab, add_eos=False, dtype=tf.int32)})
+        DESCRIPTIONS[task] = f"preference discerning ({bench}) over semantic IDs {ids!r}: {axis.replace('_', ' ')}"
+        SEMANTIC_IDS[task] = (str(data_dir), ids)
+        FROZEN[task] = frozen
+        added.append(task)
+        rows = preferences.train_rows(path, axis)
+        if rows:
+          rates.append((task, float(rows)))
+      axes = {axis: f"{prefix}_{axis}" for axis in preferences.AXES}
+      AXIS_TASKS.update({t: axes for t in axes.values()})
+      if rates:
+        AXIS_TASKS[f"{prefix}_mix"] = axes
+        seqio.MixtureRegistry.add(f"{prefix}_mix", rates)
+        DESCRIPTIONS[f"{prefix}_mix"] = (f"preference discerning ({bench}) over semantic IDs {ids!r}: every "
+                                         "training split, rates by rows")
+        added.append(f"{prefix}_mix")
   return added

@@ -678,38 +678,41 @@ class EncoderDecoderConverter(seqio.FeatureConverter):
 
   def _convert_features(self, ds, task_feature_lengths):
     enc_len, dec_len = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    return ds.map(_plain(lambda ex: self._convert_row(ex, enc_len, dec_len)), num_parallel_calls=_AUTOTUNE)
+
+  def _convert_row(self, ex, enc_len: int, dec_len: int) -> dict[str, tf.Tensor]:
     has_user = 1 if self.user_buckets else 0
     keep = (enc_len - has_user) // self.input_unit * self.input_unit
-    passthrough = [k for k in self.PASSTHROUGH if k in self.MODEL_FEATURES]
-    dense = lambda x: x.to_tensor() if isinstance(x, tf.RaggedTensor) else x
-
-    def pad(x, n):
-      x = x[:n]
-      return tf.pad(x, [[0, n - tf.shape(x)[0]]])
-
-    def convert(ex):
-      inputs = tf.cast(dense(ex["inputs"]), tf.int32)
-      inputs = inputs[tf.maximum(tf.shape(inputs)[0] - keep, 0):]  # the most recent whole units
-      if has_user:
-        bucket = _user_hash(tf.cast(ex["user_id"], tf.uint64)) % tf.constant(self.user_buckets, tf.uint64)
-        inputs = tf.concat([[self.user_token_start + tf.cast(bucket, tf.int32)], inputs], 0)
-      targets = pad(tf.cast(dense(ex["targets"]), tf.int32), dec_len)
-      out = {"encoder_input_tokens": tf.ensure_shape(pad(inputs, enc_len), [enc_len]),
-             "decoder_target_tokens": tf.ensure_shape(targets, [dec_len]),
-             "decoder_input_tokens": tf.ensure_shape(
-                 tf.concat([[self.start_token], targets[:-1]], 0), [dec_len]),
-             "decoder_loss_weights": tf.cast(targets > 0, tf.float32)}
-      for k in passthrough:
+    inputs = tf.cast(_dense(ex["inputs"]), tf.int32)
+    inputs = inputs[tf.maximum(tf.shape(inputs)[0] - keep, 0):]  # the most recent whole units
+    if has_user:
+      bucket = _user_hash(tf.cast(ex["user_id"], tf.uint64)) % tf.constant(self.user_buckets, tf.uint64)
+      inputs = tf.concat([[self.user_token_start + tf.cast(bucket, tf.int32)], inputs], 0)
+    targets = _pad_to(tf.cast(_dense(ex["targets"]), tf.int32), dec_len)
+    out = {"encoder_input_tokens": tf.ensure_shape(_pad_to(inputs, enc_len), [enc_len]),
+           "decoder_target_tokens": tf.ensure_shape(targets, [dec_len]),
+           "decoder_input_tokens": tf.ensure_shape(tf.concat([[self.start_token], targets[:-1]], 0), [dec_len]),
+           "decoder_loss_weights": tf.cast(targets > 0, tf.float32)}
+    for k in self.PASSTHROUGH:
+      if k in self.MODEL_FEATURES:
         out[k] = tf.cast(ex[k], tf.int32)
-      return out
-
-    return ds.map(_plain(convert), num_parallel_calls=_AUTOTUNE)
+    return out
 
   def get_model_feature_lengths(self, task_feature_lengths):
     enc, dec = task_feature_lengths["inputs"], task_feature_lengths["targets"]
     out = {"encoder_input_tokens": enc, "decoder_target_tokens": dec, "decoder_input_tokens": dec,
            "decoder_loss_weights": dec}
     return {**out, **{k: 1 for k in self.PASSTHROUGH if k in self.MODEL_FEATURES}}
+
+
+def _dense(x):
+  return x.to_tensor() if isinstance(x, tf.RaggedTensor) else x
+
+
+def _pad_to(x: tf.Tensor, n: int, value: int = 0) -> tf.Tensor:
+  """x[:n], padded at the end to n."""
+  x = x[:n]
+  return tf.pad(x, [[0, n - tf.shape(x)[0]]], constant_values=value)
 
 
 def user_bucket(user_ids: np.ndarray, buckets: int) -> np.ndarray:
@@ -721,3 +724,48 @@ def user_bucket(user_ids: np.ndarray, buckets: int) -> np.ndarray:
 def _user_hash(u: tf.Tensor) -> tf.Tensor:
   # TIGER's fixed multiplicative hash, as `user_bucket` computes it.
   return (u * tf.constant(2654435761, tf.uint64)) % tf.constant(2 ** 32, tf.uint64)
+
+
+class PreferenceConverter(EncoderDecoderConverter):
+  """`EncoderDecoderConverter` rows + the preference-conditioning features (Mender_Emb).
+
+  Extra task features: "history" (item ids, oldest first), "preferences" (statement ids + 1,
+  0 = none), "sign". Extra model features:
+    "history"      int32 [max_items]        the most recent items, oldest first, then 0
+    "preferences"  int32 [num_preferences]  statement ids, -1 = empty slot
+    "sign"         float32 []               +1, or -1 for a negative preference
+  """
+
+  EXTRA = {"history": FeatureSpec(tf.int32), "preferences": FeatureSpec(tf.int32),
+           "sign": FeatureSpec(tf.float32, rank=0)}
+
+  def __init__(self, *, max_items: int, num_preferences: int, **kwargs):
+    super().__init__(**kwargs)
+    self.max_items, self.num_preferences = int(max_items), int(num_preferences)
+
+  def __repr__(self):
+    return f"{super().__repr__()[:-1]}, max_items={self.max_items}, num_preferences={self.num_preferences})"
+
+  def __call__(self, ds, task_feature_lengths):
+    missing = set(self.EXTRA) - set(ds.element_spec)
+    if missing:
+      raise ValueError(f"{type(self).__name__} needs the task features {sorted(missing)} (a preference task, "
+                       f"e.g. DS_pref_sid_NAME_recommendation); the task has {sorted(ds.element_spec)}")
+    conv = copy.copy(self)
+    conv.MODEL_FEATURES = {**self.MODEL_FEATURES, **self.EXTRA}
+    return EncoderDecoderConverter.__call__(conv, ds, task_feature_lengths)
+
+  def _convert_row(self, ex, enc_len: int, dec_len: int) -> dict[str, tf.Tensor]:
+    out = super()._convert_row(ex, enc_len, dec_len)
+    m, p = self.max_items, self.num_preferences
+    h = tf.cast(_dense(ex["history"]), tf.int32)
+    h = h[tf.maximum(tf.shape(h)[0] - m, 0):]  # the most recent items
+    prefs = tf.cast(_dense(ex["preferences"]), tf.int32)
+    prefs = (tf.boolean_mask(prefs, prefs > 0) - 1)[:p]
+    out.update(history=tf.ensure_shape(_pad_to(h, m), [m]),
+               preferences=tf.ensure_shape(_pad_to(prefs, p, -1), [p]), sign=tf.cast(ex["sign"], tf.float32))
+    return out
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    out = super().get_model_feature_lengths(task_feature_lengths)
+    return {**out, "history": self.max_items, "preferences": self.num_preferences, "sign": 1}

@@ -268,14 +268,15 @@ def to_semantic_ids(ds: tf.data.Dataset, *, tokens_fn) -> tf.data.Dataset:
   `tokens_fn()` returns the int32 [vocab, L] table of every item id's L tokens (rows of
   PAD / MASK are never looked up); it is called when the dataset is built, so registering
   a task reads no artifact. Output: "inputs" (the history's tokens, flattened, oldest item
-  first), "targets" (the next item's L tokens), "target_item", and the source's
-  "user_id" / "example_id".
+  first), "targets" (the next item's L tokens), "target_item", and every other feature of
+  the source ("history" item ids, "user_id", "example_id", preference features...).
   """
   table = tf.constant(np.asarray(tokens_fn(), np.int32))
 
   def fn(ex):
-    return {"inputs": tf.reshape(tf.gather(table, ex["history"]), [-1]),
-            "targets": tf.gather(table, ex["target"]), "target_item": ex["target"],
-            "user_id": ex["user_id"], "example_id": ex["example_id"]}
+    out = {k: v for k, v in ex.items() if k != "target"}
+    out.update(inputs=tf.reshape(tf.gather(table, ex["history"]), [-1]), targets=tf.gather(table, ex["target"]),
+               target_item=ex["target"])
+    return out
 
   return _map(ds, fn)

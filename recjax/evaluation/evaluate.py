@@ -208,8 +208,9 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
     fname = "eval_export.json" if exported_dir else f"eval_step_{step}.json"
     (out_dir / fname).write_text(json.dumps(payload, indent=2) + "\n")
     if verbose:
-      first = next(iter(results.values()), {})
+      present = {c for metrics in results.values() for c in metrics}
       columns = [c for c in [*(f"recall@{k}" for k in ks), *(f"ndcg@{k}" for k in ks), "mrr",
-                             "invalid_id_fraction", "count"] if c in first]
+                             "invalid_id_fraction"] if c in present]
+      columns += sorted(present - {*columns, "count"}) + ["count"]  # e.g. sentiment's m@k
       print(ranking.format_metrics_table(results, columns, protocol))
   return payload

@@ -10,6 +10,9 @@ of an evaluator are gin bindings of its function (e.g.
 
   ranking               full-catalogue ranking (queries . item table), popularity baseline
   generative_retrieval  decode K items (constrained beams), rank the target among them
+  preference_axes       the preference-discerning benchmark's test axes (recommendation,
+                        fine / coarse steering, consolidation: Recall / NDCG; sentiment
+                        following: m@k) of a model over semantic IDs (TIGER, Mender_Emb)
 
 Critiquing (`recjax critique`) and the preference-discerning axes reuse the same metrics
 core (`recjax.evaluation.ranking.RankingMetrics`).
@@ -121,4 +124,41 @@ def generative_retrieval(*, source: Source, mixture_or_task_name: str, task_feat
   mode = "trie-constrained" if constrained else ("free" if free else "per-level codebooks")
   protocol = (f"generative retrieval: {num_beams} beams, {mode} decoding, target ranked among the decoded "
               "items, history not excluded")
+  return results, protocol
+
+
+@register("preference_axes")
+def preference_axes(*, source: Source, mixture_or_task_name: str, task_feature_lengths, batch_size: int, ks,
+                    num_beams: int = 20, **_) -> tuple[dict, str]:
+  """Every test axis of the benchmark the task belongs to, decoded with `num_beams`
+  trie-constrained beams (Mender's protocol: history not excluded)."""
+  import recjax.tasks as tasks
+  from recjax.evaluation import preferences as prefs_lib
+  if source.export_dir:
+    raise ValueError("preference_axes evaluates checkpoints (a generative export reads no preferences)")
+  ks = tuple(k for k in ks if k <= num_beams)
+  if not ks:
+    raise ValueError(f"every cutoff in ks exceeds num_beams = {num_beams}")
+  tables = generative.trie_tables(tasks.semantic_ids_of(mixture_or_task_name))
+  predict = generative.checkpoint_predictor(source.model, source.trainer, source.params, tables,
+                                            num_beams=num_beams)
+  converter = source.model.eval_feature_converter()
+  results = {}
+  for axis, task in tasks.preference_axes(mixture_or_task_name).items():
+    batches = eval_lib.eval_batches(task, "test", converter, task_feature_lengths, batch_size)
+    if axis != "sentiment":
+      results[f"test/{axis}"] = generative.rank_generated(predict, batches, ks=ks, put=source.put)
+      continue
+    # The positive rows, then the row-aligned negative ones (tasks/preferences.py).
+    items, targets = generative.decode(predict, batches, top=max(ks))
+    half = len(targets) // 2
+    pos, neg, target = items[:half], items[half:], targets[:half]
+    k = max(ks)
+    results["test/sentiment"] = {f"m@{k}": prefs_lib.sentiment_following(pos, neg, target, k),
+                                 f"hit_positive@{k}": float(prefs_lib.hit_at_k(pos, target, k).mean()),
+                                 f"hit_negative@{k}": float(prefs_lib.hit_at_k(neg, target, k).mean()),
+                                 "count": int(half)}
+  protocol = (f"preference discerning: {num_beams} trie-constrained beams, target ranked among the decoded "
+              "items, history not excluded; sentiment m@k = hit with the positive and missed with the "
+              "negative preference")
   return results, protocol

@@ -21,8 +21,9 @@ from flax import nnx
 
 from recjax.models import beam_search as bs
 
-# The eval converter's features a generative model reads (EncoderDecoderConverter).
-FEATURES = ("encoder_input_tokens",)
+# The eval converters' features a generative model may read (EncoderDecoderConverter,
+# PreferenceConverter); those a batch has are passed.
+FEATURES = ("encoder_input_tokens", "history", "preferences", "sign")
 
 
 def trie_tables(sids) -> bs.TrieTables:
@@ -59,6 +60,19 @@ def rank_generated(predict: Callable, batches: Iterable[dict], *, ks: Sequence[i
   invalid, live = np.sum(jax.device_get(counts), 0) if counts else (0, 0)
   out["invalid_id_fraction"] = float(invalid) / max(float(live), 1.0)
   return out
+
+
+def decode(predict: Callable, batches: Iterable[dict], *, top: int) -> tuple[np.ndarray, np.ndarray]:
+  """(items [N, top], targets [N]) of every valid row, in order (one process)."""
+  if jax.process_count() > 1:
+    raise NotImplementedError("decoding whole splits to the host runs in one process")
+  items, targets = [], []
+  for batch in batches:
+    got, _ = predict({k: jnp.asarray(batch[k]) for k in FEATURES if k in batch})
+    valid = np.asarray(batch["valid"])
+    items.append(np.asarray(jax.device_get(got))[valid, :top])
+    targets.append(np.asarray(batch["target_item"])[valid])
+  return np.concatenate(items), np.concatenate(targets)
 
 
 def checkpoint_predictor(model, trainer, params, tables: bs.TrieTables, *, num_beams: int,

@@ -74,6 +74,27 @@ class MenderEmb(tiger.Tiger):
   def encoder_length(self) -> int:
     return self.num_preferences + self.max_items
 
+  def task_feature_lengths(self) -> dict[str, int]:
+    # The history's tokens are converted (and unused: the memory reads item ids).
+    return {"inputs": self.max_items * self.id_length, "targets": self.id_length}
+
+  def feature_converter(self, pack: bool = False, seed: int = 0):
+    """A preference task's rows: TIGER's, + history item ids, preference ids and sign."""
+    del pack, seed
+    from recjax.data.converters import PreferenceConverter
+    return PreferenceConverter(max_items=self.max_items, num_preferences=self.num_preferences,
+                               input_unit=self.id_length, start_token=tiger.START_TOKEN)
+
+  eval_feature_converter = feature_converter
+
+  @staticmethod
+  def frozen_input_names() -> dict:
+    """The frozen inputs it reads, by the name a task provides them under, with logical axes:
+    item text embeddings, preference embeddings (both from the benchmark) and every item's
+    semantic-ID tokens."""
+    return {"item_text": ("item_embeddings", ("item", None)), "pref_text": ("preference_embeddings", (None, None)),
+            "item_tokens": ("semantic_id_tokens", ("item", None))}
+
   def network(self, rngs: nnx.Rngs) -> MenderNetwork:
     if self.vocab_size <= 2:
       raise ValueError(f"MenderEmb.vocab_size must be the semantic-ID vocabulary, got {self.vocab_size}")
@@ -90,6 +111,7 @@ class MenderEmb(tiger.Tiger):
 
   def memory(self, net: MenderNetwork, batch):
     frozen, history, prefs = batch["frozen"], batch["history"], batch["preferences"]
+    # Table rows are item ids (the item_text / item_tokens rows); padding is id 0.
     items = net.item_proj(jnp.take(frozen["item_text"], history, axis=0)) + net.type_embed[1]
     if self.item_id_embeddings:
       tokens = jnp.take(frozen["item_tokens"], history, axis=0)  # [B, M, L]; rows 0/1 are -1
@@ -107,7 +129,9 @@ class MenderEmb(tiger.Tiger):
     logits = self.logits(net, batch)
     targets = batch["decoder_target_tokens"]
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    w = batch["weights"].astype(jnp.float32)
+    # Row weights: the array driver's "weights", else 1 on rows with a target (not padding).
+    w = batch["weights"] if "weights" in batch else jnp.max(batch["decoder_loss_weights"], axis=1)
+    w = w.astype(jnp.float32)
     pos = w * (batch["sign"] > 0)
     neg = w * (batch["sign"] < 0)
     seq_nll = jnp.sum(nll, -1)

@@ -162,7 +162,13 @@ class Trainer:
 
 
 def frozen_inputs(model, task_name: str) -> dict:
-  """The model's frozen inputs for a task ({} for models without any)."""
+  """The model's frozen inputs for a task ({} for models without any): those it names
+  (`frozen_input_names()`: {input: (name the task provides, logical axes)}, fetched from the
+  task's artifacts), or those it builds itself (`frozen_inputs(task_name)`)."""
+  names = getattr(model, "frozen_input_names", None)
+  if names is not None:
+    import recjax.tasks as tasks
+    return {k: (tasks.frozen_array(task_name, name), axes) for k, (name, axes) in names().items()}
   fn = getattr(model, "frozen_inputs", None)
   return fn(task_name) if fn is not None else {}
 
