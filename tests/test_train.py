@@ -471,3 +471,100 @@ def test_tiger_two_processes_match_one_process(tsid, tmp_path):
   assert step == 12 and set(want) == set(got)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)
+
+
+# --- Mender_Emb (preference-conditioned) through the same trainer ------------------------
+
+MENDER = [
+    "--gin_file=experiments/mender_emb_synthetic.gin",
+    "--gin.MIXTURE_OR_TASK_NAME='treg_pref_sid_rand_mix'",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 12, 'targets': 4}",
+    "--gin.MAX_ITEMS=3", "--gin.NUM_PREFERENCES=2",
+    "--gin.BATCH_SIZE=16", "--gin.D_MODEL=16",
+    "--gin.mender.MenderEmb.d_kv=8", "--gin.mender.MenderEmb.num_heads=2",
+    "--gin.mender.MenderEmb.d_ff=32", "--gin.mender.MenderEmb.num_layers=1",
+    "--gin.loop.train.log_every=5",
+    "--gin.loop.make_optimizer.schedule='constant'",
+    "--gin.loop.make_optimizer.warmup_steps=0",
+    "--gin.NUM_BEAMS=10", "--gin.EVAL_BATCH_SIZE=64",
+]
+
+
+@pytest.fixture(scope="module")
+def treg(synthetic_prepared, tmp_path_factory):
+  """The synthetic REGEN set with random semantic IDs "rand" and its preference benchmark."""
+  import shutil
+  from recjax.data.prepared import PreparedDataset
+  from recjax.evaluation import preferences as prefs
+  from recjax.models import rqvae
+  data = tmp_path_factory.mktemp("treg") / "regen"
+  shutil.copytree(synthetic_prepared["synthetic_regen"], data)
+  n = PreparedDataset(data).vocab_size
+  codes = np.full((n, 4), -1, np.int32)
+  codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
+  rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
+  prefs.save_benchmark(prefs.build_benchmark(data, max_items=5, num_preferences=3, seed=0), data, "ground_truth")
+  return data
+
+
+_MENDER_REFERENCE = textwrap.dedent("""
+    import functools, sys
+    import jax, numpy as np, seqio
+    from recjax.train import loop, mesh as mesh_lib
+    from recjax.models import mender
+    from recjax.data import pipeline
+    import recjax.tasks as tasks
+    tasks.register_dataset_tasks("treg", sys.argv[1])
+    steps, task = int(sys.argv[2]), "treg_pref_sid_rand_mix"
+    model = mender.MenderEmb(vocab_size=loop.item_vocab_size(task, "targets"), max_items=3, num_preferences=2,
+                             d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=1)
+    shards = [pipeline.DataIterator(task, split="train", feature_converter=model.feature_converter(),
+                                    task_feature_lengths={"inputs": 12, "targets": 4}, batch_size=16,
+                                    shuffle=True, seed=0, shard_info=seqio.ShardInfo(i, 2)) for i in range(2)]
+    mesh = mesh_lib.create_mesh()
+    opt = functools.partial(loop.make_optimizer, learning_rate=1e-3, schedule="constant", warmup_steps=0)
+    trainer = loop.Trainer(model, mesh, mesh_lib.DEFAULT_RULES, seed=0, total_steps=steps, optimizer_fn=opt,
+                           frozen_inputs=loop.frozen_inputs(model, task))
+    with jax.set_mesh(mesh):
+      state, step = trainer.init_state(), trainer.make_train_step()
+      for _ in range(steps):
+        parts = [next(s) for s in shards]
+        state, _ = step(state, trainer.to_global({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
+    leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    def names(path):
+      parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+      return "/".join(parts[:-1] if parts[-1] == "value" else parts)
+    np.savez(sys.argv[3], **{names(k): np.asarray(v) for k, v in leaves})
+""")
+
+
+def test_mender_emb_two_processes_match_one_process_and_evaluates_every_axis(treg, tmp_path):
+  model_dir = tmp_path / "mp"
+  cmd = [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes", "2", "--",
+         sys.executable, "-m", "recjax.main", "train", *MENDER, "--gin.TRAIN_STEPS=12",
+         f"--gin.MODEL_DIR={model_dir}", "--dataset", f"treg={treg}"]
+  two = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert two.returncode == 0, two.stdout[-3000:]
+  assert "[1]" in two.stdout
+  script = tmp_path / "reference.py"
+  script.write_text(_MENDER_REFERENCE)
+  ref = subprocess.run([sys.executable, str(script), str(treg), "12", str(tmp_path / "ref.npz")],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  step, got = checkpoint_params(model_dir)
+  want = dict(np.load(tmp_path / "ref.npz"))
+  assert step == 12 and set(want) == set(got)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)
+
+  out = subprocess.run([sys.executable, "-m", "recjax.main", "evaluate", *MENDER, f"--gin.MODEL_DIR={model_dir}",
+                        "--dataset", f"treg={treg}"], capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads((model_dir / "eval_step_12.json").read_text())
+  assert got["evaluator"] == "preference_axes"
+  res = got["results"]
+  assert set(res) == {"test/recommendation", "test/fine_steering", "test/coarse_steering", "test/consolidation",
+                      "test/sentiment"}
+  assert res["test/recommendation"]["count"] == 300 and res["test/sentiment"]["count"] > 0
+  assert 0 <= res["test/sentiment"]["m@10"] <= res["test/sentiment"]["hit_positive@10"] <= 1
