@@ -1,8 +1,9 @@
 """Top-k recommendations per user (`recjax infer`), as JSON lines in MODEL_DIR.
 
 Each line: {"example_id": user id, "target": held-out item, "items": [top-k ids],
-"scores": [...], and "original_ids" when the task's dataset is known}. History items are
-never recommended.
+"scores": [...], and "original_ids" when the task's dataset is known}. A scoring model
+never recommends history items; a generative one (TIGER, Mender_Emb) returns its decoded
+items (trie-constrained beams, best first; scores are sequence log-probabilities).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
   critique table, default the held-out item's own critique)."""
   mesh = mesh_fn()
   # No mesh context here: see evaluate.evaluate.
+  from recjax.models import base
+  if base.evaluator_name(model) != "ranking":
+    return _infer_generative(model, mixture_or_task_name, task_feature_lengths, model_dir, mesh,
+                             logical_axis_rules, split=split, top_k=top_k, batch_size=batch_size, output=output)
   scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
                                             logical_axis_rules)
   converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
@@ -56,6 +61,33 @@ def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
           record["original_ids"] = [names.get(int(i)) for i in ids[row]]
         f.write(json.dumps(record) + "\n")
   print(f"wrote top-{top_k} recommendations for split {split!r} to {path}")
+  return str(path)
+
+
+def _infer_generative(model_factory, task_name, task_feature_lengths, model_dir, mesh, rules, *, split, top_k,
+                      batch_size, output) -> str:
+  import recjax.tasks as tasks
+  from recjax.evaluation import generative
+  net_model, trainer, params, step = eval_lib.restore_checkpoint(model_factory, task_name, model_dir, mesh, rules,
+                                                                 task_feature_lengths=task_feature_lengths)
+  tables = generative.trie_tables(tasks.semantic_ids_of(task_name))
+  predict = generative.checkpoint_predictor(net_model, trainer, params, tables, num_beams=max(top_k, 1))
+  path = pathlib.Path(output or pathlib.Path(model_dir) / f"infer_{split}_step_{step}.jsonl")
+  names = _original_ids(task_name)
+  converter = net_model.eval_feature_converter()
+  with open(path, "w") as f:
+    task = eval_lib.eval_task_names(task_name)[0]
+    for batch in eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size):
+      ids, scores = predict({k: jnp.asarray(batch[k]) for k in generative.FEATURES if k in batch})
+      ids, scores = np.asarray(ids), np.asarray(scores)
+      for row in np.flatnonzero(batch["valid"]):
+        live = ids[row] >= 0  # fewer valid IDs than beams: dead beams name no item
+        record = {"user_id": int(batch["user_id"][row]), "target": int(batch["target_item"][row]),
+                  "items": ids[row][live].tolist(), "scores": [round(float(s), 6) for s in scores[row][live]]}
+        if names is not None:
+          record["original_ids"] = [names.get(int(i)) for i in ids[row][live]]
+        f.write(json.dumps(record) + "\n")
+  print(f"wrote top-{top_k} generated recommendations for split {split!r} to {path}")
   return str(path)
 
 

@@ -568,3 +568,21 @@ def test_mender_emb_two_processes_match_one_process_and_evaluates_every_axis(tre
                       "test/sentiment"}
   assert res["test/recommendation"]["count"] == 300 and res["test/sentiment"]["count"] > 0
   assert 0 <= res["test/sentiment"]["m@10"] <= res["test/sentiment"]["hit_positive@10"] <= 1
+
+
+def test_tiger_sigterm_checkpoints_at_the_stop_step_and_infer_writes_beams(tsid, tmp_path):
+  run = [*TIGER, "--gin.TRAIN_STEPS=100000", "--gin.loop.train.checkpoint_every=10", f"--gin.MODEL_DIR={tmp_path}"]
+  proc = _popen(["train", *run], tsid)
+  _wait_for_checkpoint(tmp_path, 10, proc)
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, output[-2000:]
+  line = [l for l in output.splitlines() if l.startswith("preempted: checkpoint saved at step")]
+  assert line, output[-2000:]
+  stopped = int(line[-1].rsplit(" ", 1)[1])
+  assert 10 <= stopped < 100000 and checkpoint_params(tmp_path)[0] == stopped
+  out = recjax("infer", *run, "--gin.infer_lib.infer.top_k=5", dataset=tsid)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(l) for l in (tmp_path / f"infer_test_step_{stopped}.jsonl").read_text().splitlines()]
+  assert len(rows) == 300 and all(1 <= len(r["items"]) <= 5 for r in rows)
+  assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
