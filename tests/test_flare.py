@@ -182,7 +182,7 @@ def test_contrastive_margin_and_duplicates():
 
 def test_without_text_is_bert4rec():
   model = flare.Flare(vocab_size=40, use_text=False)
-  assert model.frozen_inputs("any_task") == {}
+  assert model.frozen_input_specs() == {}
   net = model.network(nnx.Rngs(0))
   assert not hasattr(net, "perceiver")
 

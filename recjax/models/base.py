@@ -17,10 +17,13 @@ Two kinds of models, chosen by `EVALUATOR` (the name of the evaluator registered
              (items [B, K], scores [B, K]), best first; `tables` is the decoding trie of
              the task's semantic IDs (TIGER; Mender later)
 
-Frozen inputs (e.g. FLARE's cached text-encoder states) are named by the optional
-`frozen_inputs(task_name)` -> {name: (array, logical axes)}; the trainer places them on the
-mesh once and hands them to `loss_fn` / `queries` as batch["frozen"]; they are never
-differentiated or checkpointed.
+Frozen inputs (FLARE's cached text-encoder states, Mender's benchmark embeddings, every
+item's semantic-ID tokens) are *named*, not built, by a model: the optional
+`frozen_input_specs()` -> {key: spec} returns `TaskArray` / `ItemTextStates` specs, which the
+trainer fetches (`recjax.train.frozen`) from the task and its artifacts; the optional
+`finish_frozen(arrays)` -> {name: (array, logical axes)} post-processes what was fetched
+(pure numpy). The trainer places them on the mesh once and hands them to `loss_fn` /
+`queries` as batch["frozen"]; they are never differentiated or checkpointed.
 
 Models import nothing from `recjax.train`, `recjax.evaluation`, `tasks`,
 `recjax.data.formats` or `recjax.data.prepare` (tests/test_layering.py checks this).
@@ -28,6 +31,7 @@ Models import nothing from `recjax.train`, `recjax.evaluation`, `tasks`,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -77,6 +81,26 @@ class GenerativeModel(Model, Protocol):
   def predict_batch(self, net: nnx.Module, batch: Batch, tables: Any, *, num_beams: int,
                     constrained: bool = True, free: bool = False) -> tuple[jax.Array, jax.Array]:
     """(items [B, K], scores [B, K]) for K = num_beams, best first; item -1 names no item."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskArray:
+  """An array the task provides by name (`recjax.tasks.frozen_array`), e.g.
+  "semantic_id_tokens", "item_embeddings", "preference_embeddings"."""
+  name: str
+  axes: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemTextStates:
+  """A frozen text encoder's token states of the task's item texts (row = item id, padded to
+  `rows`) and, for tasks with critiques, of its critique strings; cached on disk. Fetched
+  as {key: [rows, T, D], key_mask, and critique_text / critique_text_mask when present}."""
+  encoder: str
+  item_length: int
+  critique_length: int
+  rows: int
+  cache_dir: str | None = None
 
 
 def vocab_feature(model_factory) -> str:

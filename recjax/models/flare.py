@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recjax.models import base
 from recjax.models import bert4rec
 from recjax.models import layers
 
@@ -273,15 +274,20 @@ class Flare(bert4rec.Bert4Rec):
 
   # -- frozen text states ---------------------------------------------------------------
 
-  def frozen_inputs(self, task_name: str) -> dict:
-    """Cached token states of every item text (and critique string, for critique tasks):
-    {"item_text": ([V, T, Dt], axes), "item_text_mask": ([V, T] bool, axes), ...}."""
+  def frozen_input_specs(self) -> dict:
+    """The cached token states of every item text (and critique string, for critique tasks)."""
     if not self.use_text:
       return {}
-    arrays = text_states(task_name, encoder=self.text_encoder, item_length=self.item_text_length,
-                         critique_length=self.critique_length, cache_dir=self.text_cache_dir,
-                         rows=self.padded_vocab_size)
+    return {"item_text": base.ItemTextStates(encoder=self.text_encoder, item_length=self.item_text_length,
+                                             critique_length=self.critique_length, rows=self.padded_vocab_size,
+                                             cache_dir=self.text_cache_dir)}
+
+  def finish_frozen(self, arrays: dict) -> dict:
+    """{name: (array, axes)}: sets `text_dim` from the states; adds the item sentences."""
     self.text_dim = int(arrays["item_text"].shape[-1])
+    arrays = dict(arrays)
+    arrays["item_text"][:bert4rec.NUM_RESERVED] = 0.0  # PAD and MASK have no text
+    arrays["item_text_mask"][:bert4rec.NUM_RESERVED] = False
     if self.output_text:
       arrays["item_sentence"] = sentence_table(arrays["item_text"], arrays["item_text_mask"])
     axes = {"item_text": ("item", None, None), "item_text_mask": ("item", None),
@@ -297,7 +303,7 @@ class Flare(bert4rec.Bert4Rec):
       return table, bias
     if not frozen or "item_sentence" not in frozen:
       raise ValueError("Flare.output_text scores against the item sentences: pass the frozen inputs "
-                       "(Flare.frozen_inputs builds 'item_sentence')")
+                       "(Flare.finish_frozen builds 'item_sentence')")
     return table + net.text_out(frozen["item_sentence"].astype(jnp.float32)), bias
 
   def _context(self, net: FlareNetwork, batch, *, deterministic: bool, rngs=None):
@@ -352,35 +358,6 @@ class Flare(bert4rec.Bert4Rec):
     return 0.5 * jnp.sum((rows + cols) * w) / count, w.sum()
 
 
-def text_states(task_name: str, *, encoder: str, item_length: int, critique_length: int,
-                cache_dir: str | None, rows: int) -> dict[str, np.ndarray]:
-  """The frozen encoder's token states for a task's item texts (row = item id, padded to
-  `rows`) and, when the task has a "critiques" feature, for its critique table (row =
-  critique id). Encoded once per (strings, encoder, length), then read from the cache."""
-  import seqio
-  import recjax.tasks as tasks
-  from recjax.models import text as text_lib
-  from recjax.models.text import cache
-  data_dir = tasks.data_dir_of(task_name)
-  if data_dir is None:
-    raise ValueError(f"FLARE reads item text from the prepared dataset, but task {task_name!r} was not "
-                     "registered from one (recjax.tasks.register_dataset_tasks)")
-  enc = text_lib.load_text_encoder(encoder)
-  cache_dir = cache_dir or str(pathlib.Path(data_dir) / "text_cache")
-  strings = cache.item_texts(data_dir)
-  states, mask = cache.encode_strings_cached(enc, strings, item_length, cache_dir)
-  out = {"item_text": _pad_rows(states, rows), "item_text_mask": _pad_rows(mask, rows)}
-  out["item_text"][:bert4rec.NUM_RESERVED] = 0.0  # PAD and MASK have no text
-  out["item_text_mask"][:bert4rec.NUM_RESERVED] = False
-  feature = seqio.get_mixture_or_task(task_name).output_features.get("critiques")
-  if feature is not None:
-    states, mask = cache.encode_strings_cached(enc, list(feature.vocabulary.table), critique_length, cache_dir)
-    mask = np.array(mask)
-    mask[0] = False  # id 0 = no critique
-    out["critique_text"], out["critique_text_mask"] = states, mask
-  return out
-
-
 def sentence_table(states: np.ndarray, mask: np.ndarray, chunk: int = 1024) -> np.ndarray:
   """[V, Dt] float32: each row's mean over its real tokens, L2-normalised (the
   sentence-transformers pooling); rows without tokens (PAD, MASK, padding) are zero.
@@ -392,14 +369,6 @@ def sentence_table(states: np.ndarray, mask: np.ndarray, chunk: int = 1024) -> n
     mean /= np.maximum(w.sum(1, keepdims=True), 1.0)
     norm = np.linalg.norm(mean, axis=-1, keepdims=True)
     out[start:start + chunk] = np.where(norm > 0, mean / np.maximum(norm, 1e-12), 0.0)
-  return out
-
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  if x.shape[0] > rows:
-    raise ValueError(f"{x.shape[0]} text rows for a table of {rows}")
-  out = np.zeros((rows, *x.shape[1:]), x.dtype)
-  out[:x.shape[0]] = x
   return out
 
 

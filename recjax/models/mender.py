@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recjax.models import base
 from recjax.models import layers
 from recjax.models import tiger
 from recjax.models.text import t5
@@ -88,12 +89,12 @@ class MenderEmb(tiger.Tiger):
   eval_feature_converter = feature_converter
 
   @staticmethod
-  def frozen_input_names() -> dict:
-    """The frozen inputs it reads, by the name a task provides them under, with logical axes:
-    item text embeddings, preference embeddings (both from the benchmark) and every item's
-    semantic-ID tokens."""
-    return {"item_text": ("item_embeddings", ("item", None)), "pref_text": ("preference_embeddings", (None, None)),
-            "item_tokens": ("semantic_id_tokens", ("item", None))}
+  def frozen_input_specs() -> dict:
+    """What it reads beside the batch, as the task provides it: item text embeddings and
+    preference embeddings (the benchmark's) and every item's semantic-ID tokens."""
+    return {"item_text": base.TaskArray("item_embeddings", ("item", None)),
+            "pref_text": base.TaskArray("preference_embeddings", (None, None)),
+            "item_tokens": base.TaskArray("semantic_id_tokens", ("item", None))}
 
   def network(self, rngs: nnx.Rngs) -> MenderNetwork:
     if self.vocab_size <= 2:

@@ -87,8 +87,8 @@ class Trainer:
   seed: int = 0
   total_steps: int = 1
   optimizer_fn: Callable = make_optimizer
-  # Frozen model inputs (e.g. FLARE's cached text-encoder states), from the model's
-  # `frozen_inputs(task)`: {name: (numpy array, logical axes)}. They reach `loss_fn` and
+  # Frozen model inputs (e.g. FLARE's cached text-encoder states), named by the model and
+  # fetched by `recjax.train.frozen`: {name: (numpy array, logical axes)}. They reach `loss_fn` and
   # `queries` as batch["frozen"], are never differentiated, and are not checkpointed
   # (they are a function of the data and the frozen encoder, cached on disk).
   frozen_inputs: dict = dataclasses.field(default_factory=dict)
@@ -162,15 +162,9 @@ class Trainer:
 
 
 def frozen_inputs(model, task_name: str) -> dict:
-  """The model's frozen inputs for a task ({} for models without any): those it names
-  (`frozen_input_names()`: {input: (name the task provides, logical axes)}, fetched from the
-  task's artifacts), or those it builds itself (`frozen_inputs(task_name)`)."""
-  names = getattr(model, "frozen_input_names", None)
-  if names is not None:
-    import recjax.tasks as tasks
-    return {k: (tasks.frozen_array(task_name, name), axes) for k, (name, axes) in names().items()}
-  fn = getattr(model, "frozen_inputs", None)
-  return fn(task_name) if fn is not None else {}
+  """The frozen inputs `model` names, fetched for a task ({} for models without any)."""
+  from recjax.train import frozen
+  return frozen.fetch(model, task_name)
 
 
 def item_vocab_size(task_name: str, feature: str = "items") -> int:

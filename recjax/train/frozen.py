@@ -1,0 +1,67 @@
+"""Fetching the frozen inputs a model names (`frozen_input_specs`, recjax/models/base.py).
+
+The model says what it reads; this module knows where it comes from: arrays a task
+provides by name (semantic-ID tokens, a benchmark's embeddings), and text-encoder token
+states of the task's item texts, encoded once and cached on disk.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from recjax.models import base
+
+
+def fetch(model, task_name: str) -> dict:
+  """{name: (numpy array, logical axes)} of everything `model` names for `task_name`."""
+  specs = getattr(model, "frozen_input_specs", None)
+  if specs is None:
+    return {}
+  arrays = {}
+  for key, spec in specs().items():
+    if isinstance(spec, base.TaskArray):
+      import recjax.tasks as tasks
+      arrays[key] = (tasks.frozen_array(task_name, spec.name), spec.axes)
+    elif isinstance(spec, base.ItemTextStates):
+      arrays.update(text_states(task_name, spec))
+    else:
+      raise TypeError(f"{type(model).__name__}.frozen_input_specs()[{key!r}] is a {type(spec).__name__}; "
+                      "expected recjax.models.base.TaskArray or ItemTextStates")
+  finish = getattr(model, "finish_frozen", None)
+  return finish(arrays) if finish is not None else arrays
+
+
+def text_states(task_name: str, spec: base.ItemTextStates) -> dict[str, np.ndarray]:
+  """The frozen encoder's token states for a task's item texts (row = item id, padded to
+  `spec.rows`) and, when the task has a "critiques" feature, for its critique table (row =
+  critique id). Encoded once per (strings, encoder, length), then read from the cache."""
+  import seqio
+  import recjax.tasks as tasks
+  from recjax.models import text as text_lib
+  from recjax.models.text import cache
+  data_dir = tasks.data_dir_of(task_name)
+  if data_dir is None:
+    raise ValueError(f"item text states come from the prepared dataset, but task {task_name!r} was not "
+                     "registered from one (recjax.tasks.register_dataset_tasks)")
+  enc = text_lib.load_text_encoder(spec.encoder)
+  cache_dir = spec.cache_dir or str(pathlib.Path(data_dir) / "text_cache")
+  strings = cache.item_texts(data_dir)
+  states, mask = cache.encode_strings_cached(enc, strings, spec.item_length, cache_dir)
+  out = {"item_text": _pad_rows(states, spec.rows), "item_text_mask": _pad_rows(mask, spec.rows)}
+  feature = seqio.get_mixture_or_task(task_name).output_features.get("critiques")
+  if feature is not None:
+    states, mask = cache.encode_strings_cached(enc, list(feature.vocabulary.table), spec.critique_length, cache_dir)
+    mask = np.array(mask)
+    mask[0] = False  # id 0 = no critique
+    out["critique_text"], out["critique_text_mask"] = states, mask
+  return out
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  if x.shape[0] > rows:
+    raise ValueError(f"{x.shape[0]} text rows for a table of {rows}")
+  out = np.zeros((rows, *x.shape[1:]), x.dtype)
+  out[:x.shape[0]] = x
+  return out
