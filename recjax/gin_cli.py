@@ -18,14 +18,16 @@ GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
 ENTRYPOINTS = {
     "train": ("recjax.train.loop", "train", "train a model (gin/runs/train.gin)"),
     "evaluate": ("recjax.evaluation.evaluate", "evaluate",
-                 "full-catalog ranking metrics of a checkpoint or export (gin/runs/eval.gin)"),
+                 "metrics of a checkpoint or export by the model's evaluator: full-catalogue ranking, "
+                 "generative retrieval, preference axes (gin/runs/eval.gin)"),
     "infer": ("recjax.infer", "infer", "top-k recommendations per user as JSON lines, or one user's "
               "history and recommendations with and without a critique (gin/runs/infer.gin)"),
     "critique": ("recjax.evaluation.critiquing", "critique",
                  "critiquing evaluation: precise / broad / none and out-of-sequence Cat-nDCG "
                  "(gin/runs/critique.gin)"),
     "export": ("recjax.export", "export",
-               "self-contained export: params, config, vocab, serialized scoring (gin/runs/export.gin)"),
+               "self-contained export: params, config, vocab, serialized scoring or constrained "
+               "generation (gin/runs/export.gin)"),
 }
 
 

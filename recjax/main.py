@@ -222,33 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
   q.set_defaults(func=cmd_bench_report)
   _add_semantic_ids_parser(sub)
   _add_wals_parser(sub)
-  q = sub.add_parser("mender", help="preference-discerning benchmark: TIGER vs Mender_Emb / Mender_Tok on five axes",
-                     description="Builds (once; saved under DIR/preference_benchmark/NAME.npz) the "
-                     "preference-discerning benchmark from the dataset's ground-truth preferences, trains "
-                     "TIGER (no preferences), Mender_Emb and Mender_Tok (preference-conditioned; *_extras: with the "
-                     "steering / sentiment training data) and reports recommendation, fine / coarse "
-                     "steering, sentiment following and history consolidation. JSON lines.")
-  q.add_argument("--data", required=True, help="prepared dataset directory with a `preferences` field")
-  q.add_argument("--ids", default="rqvae", help="name of the semantic-ID set")
-  q.add_argument("--benchmark", default="ground_truth", help="name of the saved benchmark")
-  q.add_argument("--held_out", default="all",
-                 help="test splits whose (preference, item) pairs are removed from training: 'all' or a "
-                 "comma-separated subset of " + ", ".join(("test_recommendation", "test_fine_steering",
-                                                           "test_coarse_steering", "test_sentiment_positive",
-                                                           "test_sentiment_negative", "test_consolidation")))
-  q.add_argument("--models", default="tiger,mender_emb,mender_emb_extras",
-                 help="comma-separated: tiger, mender_emb, mender_emb_extras, mender_tok, mender_tok_extras")
-  q.add_argument("--text_encoder", default="minilm",
-                 help="Mender_Tok's frozen language encoder: minilm or a BERT / T5 checkpoint directory")
-  q.add_argument("--text_length", type=int, default=64, help="Mender_Tok's tokens per (preference, history) text")
-  q.add_argument("--text_cache_dir", default=None, help="Mender_Tok's token-state cache (default DATA/text_cache)")
-  q.add_argument("--tok_encoder", action=argparse.BooleanOptionalAction, default=False,
-                 help="Mender_Tok: a trainable T5 encoder (num_layers) over the projected frozen states; "
-                 "default off: the decoder cross-attends to the projected states directly")
-  q.add_argument("--steps", type=int, default=2000)
-  q.add_argument("--batch_size", type=int, default=128)
-  _add_seq2seq_args(q)
-  q.set_defaults(func=cmd_mender)
   q = sub.add_parser("lumen", help="REGEN: LUMEN (item + narrative in one LM), FLARE + LLM's LM, soft-prompt fusion",
                      description="Trains a Gemma-architecture LM with an item head (recjax/models/lumen.py) "
                      "on a REGEN-format dataset's ds_lumen_* tasks (with and without critiques), its "
@@ -493,28 +466,6 @@ def cmd_bench_loop(args) -> None:
     raise UsageError(f"--steps and --rounds must be >= 1, got {args.steps}, {args.rounds}")
   loop_bench.run(args.task, model=args.model, batch_size=args.batch_size, length=args.length,
                  steps=args.steps, rounds=args.rounds)
-
-
-def _add_seq2seq_args(q) -> None:
-  """Training and T5-size flags shared by `tiger` and `mender`."""
-  q.add_argument("--learning_rate", type=float, default=1e-3)
-  q.add_argument("--num_beams", type=int, default=20)
-  q.add_argument("--d_model", type=int, default=128)
-  q.add_argument("--d_kv", type=int, default=64)
-  q.add_argument("--num_heads", type=int, default=6)
-  q.add_argument("--d_ff", type=int, default=1024)
-  q.add_argument("--num_layers", type=int, default=4)
-
-
-def cmd_mender(args) -> None:
-  from recjax.models import mender  # pylint: disable=g-import-not-at-top
-  held_out = None if args.held_out == "all" else tuple(s.strip() for s in args.held_out.split(",") if s.strip())
-  mender.run(args.data, ids=args.ids, benchmark=args.benchmark, held_out=held_out,
-             models=tuple(m.strip() for m in args.models.split(",") if m.strip()), steps=args.steps,
-             batch_size=args.batch_size, learning_rate=args.learning_rate, num_beams=args.num_beams,
-             d_model=args.d_model, d_kv=args.d_kv, num_heads=args.num_heads, d_ff=args.d_ff,
-             num_layers=args.num_layers, text_encoder=args.text_encoder, text_length=args.text_length,
-             text_cache_dir=args.text_cache_dir, tok_trainable_encoder=args.tok_encoder)
 
 
 def cmd_lumen(args) -> None:

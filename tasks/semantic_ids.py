@@ -16,6 +16,7 @@ The semantic IDs are read when a dataset is built, not at registration.
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import numpy as np
 import seqio
@@ -99,8 +100,9 @@ def register(name: str, data_dir) -> list[str]:
 # the axis tasks, and the training mixture PREFIX_sid_NAME_mix (every training split, rates
 # by rows: the "+ extras" setting; the recommendation task alone is the plain one).
 # Features: the semantic-ID ones above, plus "history" (item ids, oldest first),
-# "preferences" (statement ids + 1, 0 = empty) and "sign" (-1: a negative preference whose
-# item must not be recommended).
+# "preferences" (statement ids + 1, 0 = empty), "sign" (-1: a negative preference whose
+# item must not be recommended) and "text_id" (the row's text in the task's
+# "preference_texts": "Preference: ... History: newest title; ...", read by Mender_Tok).
 
 # task name -> {frozen input name: loader}: the arrays a model names (`frozen_input_names`)
 FROZEN: dict[str, dict] = {}
@@ -115,13 +117,38 @@ def axis_tasks(task_name: str) -> dict[str, str]:
   return dict(AXIS_TASKS[task_name])
 
 
-def _preference_source(path, axis: str):
+@functools.lru_cache(maxsize=4)
+def _preference_texts(path: str, mtime_ns: int, data_dir: str) -> tuple[list[str], dict]:
+  """(the distinct texts of every row of every axis split, sorted; {(axis, split): row ->
+  text index}). Texts: `sequence_preprocessors.preference_text` over the benchmark's history
+  and preferences (Mender_Tok reads them through a frozen encoder)."""
+  del mtime_ns  # part of the key: a rebuilt benchmark is read again
+  from . import preferences  # pylint: disable=g-import-not-at-top
+  from recjax.data.prepared import PreparedDataset  # pylint: disable=g-import-not-at-top
+  ds = PreparedDataset(data_dir)
+  titles = [""] * ds.vocab_size
+  for r in ds.items(["item_id", "title"]).to_pylist():
+    titles[r["item_id"]] = " ".join((r["title"] or "").split())
+  statements = preferences.preference_vocabulary(pathlib.Path(path)).table[1:]
+  rows = {}
+  for axis, splits in preferences.AXES.items():
+    for split in splits:
+      a = preferences.split_arrays(pathlib.Path(path), axis, split)
+      hist = [row[:n - 1] for row, n in zip(a["items"], a["lengths"])]
+      rows[(axis, split)] = [sp.preference_text(h, p - 1, statements, titles) for h, p in zip(hist, a["preferences"])]
+  table = sorted({t for texts in rows.values() for t in texts})
+  index = {t: i for i, t in enumerate(table)}
+  return table, {k: np.array([index[t] for t in v], np.int32) for k, v in rows.items()}
+
+
+def _preference_source(path, axis: str, data_dir):
   from . import preferences  # pylint: disable=g-import-not-at-top
   splits = list(preferences.AXES[axis])
 
   def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed
     a = preferences.split_arrays(path, axis, split)
+    _, text_ids = _preference_texts(str(path), path.stat().st_mtime_ns, str(data_dir))
     lengths = a["lengths"] - 1  # items = history, then the target
     history = tf.RaggedTensor.from_tensor(tf.constant(a["items"], tf.int32), lengths=tf.constant(lengths))
     target = a["items"][np.arange(len(lengths)), lengths]
@@ -130,7 +157,7 @@ def _preference_source(path, axis: str):
     return tf.data.Dataset.from_tensor_slices({
         "history": history, "target": tf.constant(target, tf.int32), "preferences": prefs,
         "sign": tf.constant(a["sign"], tf.float32), "user_id": tf.constant(a["user_id"], tf.int32),
-        "example_id": tf.range(len(lengths), dtype=tf.int64)})
+        "text_id": tf.constant(text_ids[(axis, split)]), "example_id": tf.range(len(lengths), dtype=tf.int64)})
 
   sizes = preferences.split_sizes(path)
   counts = {s: sum(sizes.get(p, 0) for p in preferences.AXES[axis][s]) for s in splits}
@@ -164,12 +191,14 @@ def register_preferences(name: str, data_dir) -> list[str]:
       pref_vocab = preferences.preference_vocabulary(path)
       frozen = {"semantic_id_tokens": tokens_fn,
                 "item_embeddings": functools.partial(_benchmark_array, path, "item_embeddings"),
-                "preference_embeddings": functools.partial(_benchmark_array, path, "pref_embeddings")}
+                "preference_embeddings": functools.partial(_benchmark_array, path, "pref_embeddings"),
+                "preference_texts": functools.partial(lambda p, d: _preference_texts(str(p), p.stat().st_mtime_ns,
+                                                                                     str(d))[0], path, data_dir)}
       rates = []
       for axis in preferences.AXES:
         task = f"{prefix}_{axis}"
         seqio.TaskRegistry.add(
-            task, source=_preference_source(path, axis),
+            task, source=_preference_source(path, axis, data_dir),
             preprocessors=[functools.partial(sp.to_semantic_ids, tokens_fn=tokens_fn),
                            seqio.CacheDatasetPlaceholder()],
             output_features={"inputs": seqio.Feature(vocab, add_eos=False, dtype=tf.int32),

@@ -12,6 +12,7 @@ from recjax.evaluation import preferences as prefs_lib
 from recjax.models import beam_search as bs
 from recjax.evaluation.generative import evaluate_arrays
 from recjax.models import mender, rqvae, tiger
+from recjax.train import arrays
 from recjax.train.arrays import train_arrays
 
 NUM_ITEMS, DIM, PREFS = 30, 8, 4
@@ -52,12 +53,12 @@ def setup():
 
 
 def _train_eval(model, sids, train, test, frozen_in, steps=150):
-  trainer, state, _ = train_arrays(model, mender.model_examples(train, sids.tokens, model), steps=steps,
+  trainer, state, _ = train_arrays(model, arrays.model_examples(train, sids.tokens, model), steps=steps,
                                         batch_size=32, learning_rate=3e-3, warmup_steps=10, log_every=steps,
                                         frozen_inputs=frozen_in)
   net = trainer.network(state.params)
   with jax.set_mesh(trainer.mesh):
-    got = evaluate_arrays(model, net, mender.model_examples(test, sids.tokens, model), bs.trie_tables_of(sids),
+    got = evaluate_arrays(model, net, arrays.model_examples(test, sids.tokens, model), bs.trie_tables_of(sids),
                                num_beams=4, ks=(1,), frozen=trainer.frozen if frozen_in else None,
                                return_items=True)
   return got, trainer, state
@@ -66,17 +67,17 @@ def _train_eval(model, sids, train, test, frozen_in, steps=150):
 def test_model_examples_layouts(setup):
   sids, _, _, sizes = setup
   split = toy_split(10, 0)
-  t = mender.model_examples(split, sids.tokens, tiger.Tiger(vocab_size=sids.vocab_size, **sizes))
+  t = arrays.model_examples(split, sids.tokens, tiger.Tiger(vocab_size=sids.vocab_size, **sizes))
   assert t["encoder_input_tokens"].shape == (10, 5 * 3) and "preferences" not in t
   # The most recent max_items of the 6 history slots are kept; pads have no tokens.
   assert t["decoder_loss_weights"].shape == (10, 3)
-  m = mender.model_examples(split, sids.tokens, mender.MenderEmb(vocab_size=sids.vocab_size, embed_dim=DIM,
+  m = arrays.model_examples(split, sids.tokens, mender.MenderEmb(vocab_size=sids.vocab_size, embed_dim=DIM,
                                                                  num_preferences=3, **sizes))
   assert m["history"].shape == (10, 5) and m["preferences"].shape == (10, 3)
   for r in range(10):  # the most recent 5 real items, still oldest first and right-padded
     real = split["history"][r][split["history"][r] > 0]
     np.testing.assert_array_equal(m["history"][r], np.pad(real[-5:], (0, 5 - len(real[-5:]))))
-  np.testing.assert_array_equal(mender.recent_items(np.array([[5, 6, 7, 8, 9, 10], [5, 0, 0, 0, 0, 0]]), 3),
+  np.testing.assert_array_equal(arrays.recent_items(np.array([[5, 6, 7, 8, 9, 10], [5, 0, 0, 0, 0, 0]]), 3),
                                 [[8, 9, 10], [5, 0, 0]])
   assert (m["preferences"][:, 2] == -1).all() and (m["preferences"][:, 0] == split["preferences"][:, 0]).all()
   np.testing.assert_array_equal(m["decoder_target_tokens"], sids.tokens[split["target"]])
@@ -107,47 +108,10 @@ def test_negative_rows_push_the_target_down(setup):
   neg = {k: v[neg["preferences"][:, 0] == 3] for k, v in neg.items()}
   test = toy_split(64, 3)
   test = {k: v[test["preferences"][:, 0] == 3] for k, v in test.items()}
-  with_neg, _, _ = _train_eval(model, sids, mender.concat_splits(pos, neg), test, frozen)
+  with_neg, _, _ = _train_eval(model, sids, arrays.concat_splits(pos, neg), test, frozen)
   assert with_neg["recall@1"] < 0.05
   assert with_neg["items"].shape == (len(test["target"]), 1)
 
-
-def test_mender_command_reports_every_axis(synthetic_prepared, with_random_ids):
-  import json
-  import os
-  import subprocess
-  import sys
-  data = with_random_ids(synthetic_prepared["synthetic_regen"])
-  cmd = [sys.executable, "-m", "recjax.main", "mender", "--data", str(data), "--ids", "rand", "--steps", "10",
-         "--models", "tiger,mender_emb,mender_emb_extras,mender_tok", "--text_length", "16",
-         "--batch_size", "32", "--d_model", "16", "--d_kv", "8", "--num_heads", "2", "--d_ff", "32",
-         "--num_layers", "1", "--num_beams", "10", "--held_out", "test_fine_steering,test_coarse_steering",
-         "--benchmark", "steer"]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ))
-  assert out.returncode == 0, out.stderr[-3000:]
-  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-  data_row = rows[0]
-  assert data_row["held_out"] == ["test_fine_steering", "test_coarse_steering"]
-  assert (data / "preference_benchmark" / "steer.npz").is_file()
-  tests = {r["model"]: r for r in rows if r.get("event") == "test"}
-  assert set(tests) == {"tiger", "mender_emb", "mender_emb_extras", "mender_tok"}
-  text = next(r for r in rows if r.get("event") == "text")
-  # One text per distinct example of the train and test splits (not valid_recommendation).
-  assert text["rows"]["train"] == data_row["splits"]["train"] and "valid_recommendation" not in text["rows"]
-  assert 0 < text["texts"] <= sum(text["rows"].values()) and not text["cached"]
-  assert len(list((data / "text_cache").glob("text-*/states.npy"))) == 1
-  for r in tests.values():
-    for axis in ("recommendation", "fine_steering", "coarse_steering", "consolidation"):
-      assert r[axis]["count"] == data_row["splits"][f"test_{axis}"] > 0
-      assert 0.0 <= r[axis]["recall@5"] <= r[axis]["recall@10"] <= 1.0
-    assert r["sentiment"]["count"] == data_row["splits"]["test_sentiment_positive"]
-  # A saved benchmark built with other held-out splits is refused, not silently reused.
-  bad = subprocess.run(cmd[:-4] + ["--held_out", "all", "--benchmark", "steer", "--steps", "1"],
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ))
-  assert bad.returncode != 0 and "holds out" in bad.stderr
-
-
-# -- Mender_Tok ---------------------------------------------------------------------------
 
 STATEMENTS = ["Likes kitchen tools", "Prefers red items", "Avoid wool", "Trusts Acme"]
 
@@ -165,7 +129,7 @@ def tok_setup(tmp_path_factory):
                               item_embeddings=np.zeros((NUM_ITEMS + 2, 1), np.float32),
                               splits={"train": toy_split(512, 0), "test_recommendation": toy_split(64, 1)})
   cache_dir = tmp_path_factory.mktemp("text_cache")
-  built = mender.tok_text_table(bench, titles, model, encoder, cache_dir, ["train", "test_recommendation"])
+  built = arrays.tok_text_table(bench, titles, model, encoder, cache_dir, ["train", "test_recommendation"])
   return sids, titles, encoder, model, bench, cache_dir, built
 
 
@@ -176,11 +140,11 @@ _WORDS = ("apple banana cherry delta echo falcon garnet harbor indigo jasper kiw
 def test_tok_text_puts_the_newest_items_first_and_truncates_the_oldest(tok_setup):
   _, titles, encoder, model, _, _, _ = tok_setup
   split = {"history": np.array([[2, 3, 4, 5, 6, 7, 0]]), "preferences": np.array([[1, 3]])}
-  text, = mender.render_texts(split, STATEMENTS, titles, max_items=5, num_preferences=2)
+  text, = arrays.render_texts(split, STATEMENTS, titles, max_items=5, num_preferences=2)
   # max_items keeps the 5 most recent (item 2 is dropped), listed newest first.
   assert text == ("Preference: Prefers red items; Trusts Acme. History: gadget falcon model; gadget echo model; "
                   "gadget delta model; gadget cherry model; gadget banana model")
-  one, = mender.render_texts(split, STATEMENTS, titles, max_items=5, num_preferences=1)
+  one, = arrays.render_texts(split, STATEMENTS, titles, max_items=5, num_preferences=1)
   assert one.startswith("Preference: Prefers red items. History:")
   # Token truncation (text_length) then loses the oldest titles, never the preference or the newest.
   ids, _ = encoder.tokenize([text], model.text_length)
@@ -192,13 +156,13 @@ def test_tok_text_cache_is_reused(tok_setup, monkeypatch):
   _, titles, encoder, model, bench, cache_dir, (tok_bench, frozen, info) = tok_setup
   assert not info["cached"] and info["rows"] == {"train": 512, "test_recommendation": 64}
   # One row per distinct text: equal texts share a row.
-  texts = mender.render_texts(bench.splits["train"], STATEMENTS, titles, max_items=5, num_preferences=2)
-  assert info["texts"] == len(set(texts + mender.render_texts(bench.splits["test_recommendation"], STATEMENTS,
+  texts = arrays.render_texts(bench.splits["train"], STATEMENTS, titles, max_items=5, num_preferences=2)
+  assert info["texts"] == len(set(texts + arrays.render_texts(bench.splits["test_recommendation"], STATEMENTS,
                                                               titles, max_items=5, num_preferences=2)))
   assert frozen["tok_states"][0].shape == (info["texts"], 24, encoder.dim)
   monkeypatch.setattr(encoder, "encode", lambda *a, **k: pytest.fail("re-encoded a cached text table"))
   # Another split order reads the same entry (texts are deduplicated and sorted).
-  again, frozen2, info2 = mender.tok_text_table(bench, titles, model, encoder, cache_dir,
+  again, frozen2, info2 = arrays.tok_text_table(bench, titles, model, encoder, cache_dir,
                                                 ["test_recommendation", "train"])
   assert info2["cached"] and len(list(cache_dir.glob("text-*"))) == 1
   np.testing.assert_array_equal(again.splits["train"]["text"], tok_bench.splits["train"]["text"])

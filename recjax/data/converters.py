@@ -734,6 +734,8 @@ class PreferenceConverter(EncoderDecoderConverter):
     "history"      int32 [max_items]        the most recent items, oldest first, then 0
     "preferences"  int32 [num_preferences]  statement ids, -1 = empty slot
     "sign"         float32 []               +1, or -1 for a negative preference
+    "text"         int32 []                 the row's preference text (its "text_id"), when
+                                            the task has one (Mender_Tok)
   """
 
   EXTRA = {"history": FeatureSpec(tf.int32), "preferences": FeatureSpec(tf.int32),
@@ -753,6 +755,8 @@ class PreferenceConverter(EncoderDecoderConverter):
                        f"e.g. DS_pref_sid_NAME_recommendation); the task has {sorted(ds.element_spec)}")
     conv = copy.copy(self)
     conv.MODEL_FEATURES = {**self.MODEL_FEATURES, **self.EXTRA}
+    if "text_id" in ds.element_spec:  # the row's preference text (Mender_Tok)
+      conv.MODEL_FEATURES["text"] = FeatureSpec(tf.int32, rank=0)
     return EncoderDecoderConverter.__call__(conv, ds, task_feature_lengths)
 
   def _convert_row(self, ex, enc_len: int, dec_len: int) -> dict[str, tf.Tensor]:
@@ -764,8 +768,11 @@ class PreferenceConverter(EncoderDecoderConverter):
     prefs = (tf.boolean_mask(prefs, prefs > 0) - 1)[:p]
     out.update(history=tf.ensure_shape(_pad_to(h, m), [m]),
                preferences=tf.ensure_shape(_pad_to(prefs, p, -1), [p]), sign=tf.cast(ex["sign"], tf.float32))
+    if "text" in self.MODEL_FEATURES:
+      out["text"] = tf.cast(ex["text_id"], tf.int32)
     return out
 
   def get_model_feature_lengths(self, task_feature_lengths):
     out = super().get_model_feature_lengths(task_feature_lengths)
-    return {**out, "history": self.max_items, "preferences": self.num_preferences, "sign": 1}
+    out = {**out, "history": self.max_items, "preferences": self.num_preferences, "sign": 1}
+    return {**out, "text": 1} if "text" in self.MODEL_FEATURES else out

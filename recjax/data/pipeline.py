@@ -35,7 +35,8 @@ from recjax.data import vocab
 vocab.hide_accelerators_from_tf()
 
 # Non-output features our converters read; Mixtures drop them unless told.
-_PASSTHROUGH = ("example_id", "critiques", "epoch", "history", "sign", "target_item", "user_id")
+_PASSTHROUGH = ("example_id", "critiques", "epoch", "history", "sign", "target_item", "user_id",
+                "text_id")
 _STATE_VERSION = 1
 
 

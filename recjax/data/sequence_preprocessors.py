@@ -280,3 +280,16 @@ def to_semantic_ids(ds: tf.data.Dataset, *, tokens_fn) -> tf.data.Dataset:
     return out
 
   return _map(ds, fn)
+
+
+# --- preference texts (Mender_Tok) --------------------------------------------------------
+
+
+def preference_text(history, preferences, statements, titles) -> str:
+  """One row's text: "Preference: s1; s2. History: title_n; title_{n-1}; ..." with the
+  history newest first, so that cutting the tokens drops the oldest items. `history`:
+  item ids (0 = padding), `preferences`: statement ids (-1 = empty)."""
+  said = "; ".join(statements[i].strip().rstrip(".") for i in preferences if i >= 0)
+  h = np.asarray(history)
+  names = "; ".join(titles[i].strip() or f"item {i}" for i in h[h > 0][::-1])
+  return f"Preference: {said}. History: {names}" if said else f"History: {names}"

@@ -23,7 +23,7 @@ from recjax.models import beam_search as bs
 
 # The eval converters' features a generative model may read (EncoderDecoderConverter,
 # PreferenceConverter); those a batch has are passed.
-FEATURES = ("encoder_input_tokens", "history", "preferences", "sign")
+FEATURES = ("encoder_input_tokens", "history", "preferences", "sign", "text")
 
 
 def trie_tables(sids) -> bs.TrieTables:

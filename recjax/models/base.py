@@ -19,7 +19,8 @@ Two kinds of models, chosen by `EVALUATOR` (the name of the evaluator registered
 
 Frozen inputs (FLARE's cached text-encoder states, Mender's benchmark embeddings, every
 item's semantic-ID tokens) are *named*, not built, by a model: the optional
-`frozen_input_specs()` -> {key: spec} returns `TaskArray` / `ItemTextStates` specs, which the
+`frozen_input_specs()` -> {key: spec} returns `TaskArray` / `ItemTextStates` / `StringStates`
+specs, which the
 trainer fetches (`recjax.train.frozen`) from the task and its artifacts; the optional
 `finish_frozen(arrays)` -> {name: (array, logical axes)} post-processes what was fetched
 (pure numpy). The trainer places them on the mesh once and hands them to `loss_fn` /
@@ -100,6 +101,16 @@ class ItemTextStates:
   item_length: int
   critique_length: int
   rows: int
+  cache_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StringStates:
+  """A frozen text encoder's token states of a list of strings the task provides by name
+  (e.g. "preference_texts"), cached on disk. Fetched as {key: [N, length, D], key_mask}."""
+  name: str
+  encoder: str
+  length: int
   cache_dir: str | None = None
 
 

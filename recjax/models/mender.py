@@ -26,17 +26,15 @@ gathered inside the step; a trainable projection (optionally + a small trainable
 encoder, `trainable_encoder`) turns them into the decoder's cross-attention memory. It sees
 no semantic-ID tokens of the history.
 
-`recjax mender` (`run`) trains TIGER (no preferences), Mender_Emb and Mender_Tok on the
-same preference-discerning benchmark and reports its five axes.
+They train on the preference tasks over semantic IDs (tasks/semantic_ids.py) through the
+gin trainer (gin/models/mender_{emb,tok}.gin, experiments/mender_*_synthetic.gin) and are
+evaluated by the preference_axes evaluator (the benchmark's five axes).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +177,27 @@ class MenderTok(tiger.Tiger):
   def encoder_length(self) -> int:
     return self.text_length
 
+  task_feature_lengths = MenderEmb.task_feature_lengths
+
+  def feature_converter(self, pack: bool = False, seed: int = 0):
+    """A preference task's rows; "text" indexes the task's preference texts."""
+    del pack, seed
+    from recjax.data.converters import PreferenceConverter
+    return PreferenceConverter(max_items=self.max_items, num_preferences=self.num_preferences,
+                               input_unit=self.id_length, start_token=tiger.START_TOKEN)
+
+  eval_feature_converter = feature_converter
+
+  def frozen_input_specs(self) -> dict:
+    """The frozen encoder's token states of every preference text of the task (cached)."""
+    return {"tok": base.StringStates("preference_texts", encoder=self.text_encoder, length=self.text_length,
+                                     cache_dir=self.text_cache_dir)}
+
+  def finish_frozen(self, arrays: dict) -> dict:
+    states, mask = arrays["tok"], arrays["tok_mask"]
+    self.text_dim = int(states.shape[-1])
+    return self.frozen_tables(states, mask)
+
   def network(self, rngs: nnx.Rngs) -> MenderTokNetwork:
     if self.vocab_size <= 2:
       raise ValueError(f"MenderTok.vocab_size must be the semantic-ID vocabulary, got {self.vocab_size}")
@@ -202,238 +221,3 @@ class MenderTok(tiger.Tiger):
     if net.encoder is not None:
       return net.encoder.encode_embeddings(x, mask), mask
     return net.text_norm(x), mask
-
-
-# -- data ---------------------------------------------------------------------------------
-
-
-def recent_items(history: np.ndarray, m: int) -> np.ndarray:
-  """The most recent m items of each right-padded history (oldest first), right-padded to m."""
-  h = np.asarray(history)
-  lengths = (h > 0).sum(1)
-  idx = np.maximum(lengths - m, 0)[:, None] + np.arange(m)
-  out = np.take_along_axis(np.pad(h, ((0, 0), (0, m))), idx, 1)
-  return np.where(np.arange(m) < np.minimum(lengths, m)[:, None], out, 0)
-
-
-def model_examples(split: dict, item_tokens: np.ndarray, model: tiger.Tiger) -> dict[str, np.ndarray]:
-  """A benchmark split (`recjax.evaluation.preferences`: history, preferences, target, sign)
-  -> the arrays `model` trains and evaluates on (TIGER: semantic-ID tokens of the history,
-  preferences unused; Mender_Emb: item and preference ids; Mender_Tok: the row of its text
-  in the token-state table, `tok_text_table`)."""
-  history = recent_items(split["history"], model.max_items)
-  target = np.asarray(split["target"], np.int64)
-  out = {"decoder_target_tokens": item_tokens[target].astype(np.int32), "target_items": target.astype(np.int32),
-         "weights": np.ones(len(target), np.float32), "sign": np.asarray(split["sign"], np.float32)}
-  if isinstance(model, MenderTok):
-    if "text" not in split:
-      raise ValueError("Mender_Tok needs each split's text row index: build it with tok_text_table")
-    out.update(text=np.asarray(split["text"], np.int32))
-  elif isinstance(model, MenderEmb):
-    prefs = np.asarray(split["preferences"], np.int32)[:, :model.num_preferences]
-    if prefs.shape[1] < model.num_preferences:
-      prefs = np.pad(prefs, ((0, 0), (0, model.num_preferences - prefs.shape[1])), constant_values=-1)
-    out.update(history=history.astype(np.int32), preferences=prefs)
-  else:
-    tokens = np.where(history[..., None] > 0, item_tokens[history], 0).reshape(len(history), -1)
-    out.update(encoder_input_tokens=tokens.astype(np.int32),
-               decoder_loss_weights=np.ones(out["decoder_target_tokens"].shape, np.float32))
-  return out
-
-
-def render_texts(split: dict, statements, titles, *, max_items: int, num_preferences: int) -> list[str]:
-  """One text per row: "Preference: s1; s2. History: title_n; title_{n-1}; ..." with the
-  history newest first, so truncating the tokens drops the oldest items."""
-  history = recent_items(split["history"], max_items)
-  prefs = np.asarray(split["preferences"])[:, :num_preferences]
-  out = []
-  for h, p in zip(history, prefs):
-    said = "; ".join(statements[i].strip().rstrip(".") for i in p if i >= 0)
-    names = "; ".join(titles[i].strip() or f"item {i}" for i in h[h > 0][::-1])
-    out.append(f"Preference: {said}. History: {names}" if said else f"History: {names}")
-  return out
-
-
-def item_titles(data_dir) -> list[str]:
-  """The title of every item id ("" for PAD, MASK and items without one)."""
-  from recjax.data.prepared import PreparedDataset
-  ds = PreparedDataset(data_dir)
-  titles = [""] * ds.vocab_size
-  for r in ds.items(["item_id", "title"]).to_pylist():
-    titles[r["item_id"]] = " ".join((r["title"] or "").split())
-  return titles
-
-
-def tok_text_table(bench, titles, model: MenderTok, encoder, cache_dir, split_names) -> tuple:
-  """(bench with a "text" row index in each of `split_names`, frozen tables, info).
-
-  The texts of those splits are deduplicated and sorted (the cache key does not depend on
-  split order or on which models run), then encoded once and cached on disk."""
-  from recjax.models.text import cache
-  texts = {n: render_texts(bench.splits[n], bench.preferences, titles, max_items=model.max_items,
-                           num_preferences=model.num_preferences) for n in split_names}
-  unique = sorted({t for ts in texts.values() for t in ts})
-  index = {t: i for i, t in enumerate(unique)}
-  key = cache.cache_key(encoder, unique, model.text_length, "float16")
-  cached = (pathlib.Path(cache_dir) / f"text-{key}" / "states.npy").is_file()
-  t0 = time.perf_counter()
-  states, mask = cache.encode_strings_cached(encoder, unique, model.text_length, cache_dir, dtype="float16")
-  splits = dict(bench.splits)
-  for n in split_names:
-    splits[n] = dict(splits[n], text=np.array([index[t] for t in texts[n]], np.int32))
-  info = {"rows": {n: len(t) for n, t in texts.items()}, "texts": len(unique), "cached": cached,
-          "length": model.text_length, "mean_tokens": round(float(mask.sum(1).mean()), 1),
-          "at_max_length": round(float(mask[:, -1].mean()), 3), "seconds": round(time.perf_counter() - t0, 1)}
-  return dataclasses.replace(bench, splits=splits), MenderTok.frozen_tables(states, mask), info
-
-
-def concat_splits(*splits: dict) -> dict:
-  return {k: np.concatenate([s[k] for s in splits]) for k in splits[0]}
-
-
-# -- the benchmark run ----------------------------------------------------------------------
-
-TRAIN_EXTRAS = ("train_fine_steering", "train_coarse_steering", "train_sentiment")
-
-
-AXES = ("recommendation", "fine_steering", "coarse_steering", "consolidation")
-
-
-def _rank_metrics(items: np.ndarray, targets: np.ndarray, ks=(5, 10)) -> dict:
-  """Recall@k / NDCG@k of each target's position among the returned items (one relevant)."""
-  hit = items == targets[:, None]
-  rank = np.where(hit.any(1), hit.argmax(1), items.shape[1])
-  out = {}
-  for k in ks:
-    out[f"recall@{k}"] = float(np.mean(rank < k))
-    out[f"ndcg@{k}"] = float(np.mean(np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)))
-  return out
-
-
-def evaluate_axes(model, net, bench, item_tokens, tables, *, frozen=None, num_beams: int = 20,
-                  k: int = 10) -> dict:
-  """Recall@5/k and NDCG@5/k per axis (recommendation, fine / coarse steering, history
-  consolidation) and sentiment following m@k (hit with the positive preference and no hit
-  with the negative one). Every axis is decoded in one pass (one compiled beam search)."""
-  from recjax.evaluation import preferences as prefs_lib
-  from recjax.evaluation.generative import evaluate_arrays
-  names = [f"test_{a}" for a in AXES] + ["test_sentiment_positive", "test_sentiment_negative"]
-  parts = [(n, bench.splits[n]) for n in names if n in bench.splits and len(bench.splits[n]["target"])]
-  examples = concat_splits(*[model_examples(split, item_tokens, model) for _, split in parts])
-  items = evaluate_arrays(model, net, examples, tables, num_beams=num_beams, ks=(k,), frozen=frozen,
-                               return_items=True)["items"]
-  top, start = {}, 0
-  for name, split in parts:
-    n = len(split["target"])
-    top[name], start = (items[start:start + n], np.asarray(split["target"])), start + n
-  out = {}
-  for axis in AXES:
-    if f"test_{axis}" in top:
-      got, targets = top[f"test_{axis}"]
-      out[axis] = {**_rank_metrics(got, targets, (5, k)), "count": int(len(targets))}
-  if "test_sentiment_positive" in top and "test_sentiment_negative" in top:
-    (pos, targets), (neg, _) = top["test_sentiment_positive"], top["test_sentiment_negative"]
-    out["sentiment"] = {f"m@{k}": prefs_lib.sentiment_following(pos, neg, targets, k),
-                        f"hit_positive@{k}": float(prefs_lib.hit_at_k(pos, targets, k).mean()),
-                        f"hit_negative@{k}": float(prefs_lib.hit_at_k(neg, targets, k).mean()),
-                        "count": int(len(targets))}
-  return out
-
-
-def load_or_build_benchmark(data_dir, name: str = "ground_truth", held_out: tuple[str, ...] | None = None):
-  """The saved benchmark `name`, built from the dataset's ground-truth preferences (and
-  saved) when missing. `held_out`: the test splits whose (preference, target) pairs no
-  train split may contain (default: all); a saved benchmark must have been built alike."""
-  from recjax.evaluation import preferences as prefs_lib
-  held_out = tuple(held_out or prefs_lib.TEST_SPLITS)
-  try:
-    bench = prefs_lib.load_benchmark(data_dir, name)
-  except FileNotFoundError:
-    bench = prefs_lib.build_benchmark(data_dir, held_out_splits=held_out)
-    prefs_lib.save_benchmark(bench, data_dir, name)
-    return bench
-  if tuple(bench.stats.get("held_out_splits", ())) != held_out:
-    raise ValueError(f"the saved benchmark {name!r} holds out {bench.stats.get('held_out_splits')}, not "
-                     f"{list(held_out)}: pass another --benchmark name to build that variant")
-  return bench
-
-
-MODELS = ("tiger", "mender_emb", "mender_emb_extras", "mender_tok", "mender_tok_extras")
-
-
-def run(data_dir, *, ids: str = "rqvae", benchmark: str = "ground_truth", held_out: tuple[str, ...] | None = None,
-        steps: int = 2000, batch_size: int = 128, learning_rate: float = 1e-3, num_beams: int = 20, seed: int = 0,
-        models: tuple[str, ...] = ("tiger", "mender_emb", "mender_emb_extras"), text_encoder: str = "minilm",
-        text_length: int = 64, text_cache_dir: str | None = None, tok_trainable_encoder: bool = False,
-        **sizes) -> list[dict]:
-  """`recjax mender`: train each model on the benchmark's training data and report every
-  axis. tiger = no preferences; mender_emb / mender_tok = preference-conditioned on
-  "train"; *_extras = + the steering and sentiment (positive / negative) training data.
-  Mender_Tok's texts (train, extras and test splits) are encoded once by `text_encoder`
-  and cached under `text_cache_dir` (default DATA/text_cache)."""
-  from recjax.evaluation import preferences as prefs_lib
-  from recjax.models import beam_search as bs
-  from recjax.models import rqvae
-  unknown = sorted(set(models) - set(MODELS))
-  if unknown:
-    raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
-  rows = []
-
-  def emit(row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-
-  t0 = time.perf_counter()
-  sids = rqvae.load_semantic_ids(data_dir, ids)
-  bench = load_or_build_benchmark(data_dir, benchmark, held_out)
-  tables = bs.trie_tables_of(sids)
-  item_tokens = sids.tokens
-  emit({"event": "data", "benchmark": benchmark, "held_out": bench.stats.get("held_out_splits"),
-        "splits": {k: int(len(v["target"])) for k, v in bench.splits.items()},
-        "preferences": len(bench.preferences), "seconds": round(time.perf_counter() - t0, 1)})
-  tok_bench = tok_frozen = None
-  if any(m.startswith("mender_tok") for m in models):
-    from recjax.models import text as text_lib
-    t1 = time.perf_counter()
-    encoder = text_lib.load_text_encoder(text_encoder)
-    tok_model = MenderTok(vocab_size=sids.vocab_size, text_encoder=text_encoder, text_length=text_length,
-                          text_dim=encoder.dim, text_cache_dir=text_cache_dir,
-                          trainable_encoder=tok_trainable_encoder, **sizes)
-    needed = [n for n in ("train", *TRAIN_EXTRAS, *prefs_lib.TEST_SPLITS) if n in bench.splits]
-    tok_bench, tok_frozen, info = tok_text_table(bench, item_titles(data_dir), tok_model, encoder,
-                                                 text_cache_dir or pathlib.Path(data_dir) / "text_cache", needed)
-    emit({"event": "text", "encoder": encoder.name, **info, "total_seconds": round(time.perf_counter() - t1, 1)})
-  for name in models:
-    source = bench
-    if name == "tiger":
-      model = tiger.Tiger(vocab_size=sids.vocab_size, **sizes)
-      frozen_in = None
-    elif name.startswith("mender_emb"):
-      model = MenderEmb(vocab_size=sids.vocab_size, embed_dim=bench.pref_embeddings.shape[1], **sizes)
-      frozen_in = MenderEmb.frozen_tables(bench.item_embeddings, bench.pref_embeddings, item_tokens)
-    else:
-      model, frozen_in, source = tok_model, tok_frozen, tok_bench
-    parts = [source.splits["train"]]
-    if name.endswith("_extras"):
-      parts += [source.splits[s] for s in TRAIN_EXTRAS if s in source.splits]
-    train = concat_splits(*parts)
-    if name == "tiger":  # negatives are preference data: TIGER cannot condition on them
-      train = {k: v[np.asarray(train["sign"]) > 0] for k, v in train.items()}
-    examples = model_examples(train, item_tokens, model)
-    t1 = time.perf_counter()
-    from recjax.train.arrays import train_arrays  # the benchmark driver's trainer
-    trainer, state, history = train_arrays(
-        model, examples, steps=steps, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
-        warmup_steps=min(200, steps // 10), log_every=max(steps // 5, 1), frozen_inputs=frozen_in,
-        callback=lambda step, row: emit({"event": "progress", "model": name, **row}))
-    net = trainer.network(state.params)
-    emit({"event": "train", "model": name, "examples": int(len(examples["weights"])), "steps": steps,
-          "loss": round(history[-1]["loss"], 4), "seconds": round(time.perf_counter() - t1, 1)})
-    t1 = time.perf_counter()
-    axes = evaluate_axes(model, net, source, item_tokens, tables, frozen=trainer.frozen if frozen_in else None,
-                         num_beams=num_beams)
-    emit({"event": "test", "model": name, **axes, "seconds": round(time.perf_counter() - t1, 1)})
-  return rows
-
-
-__all__ = ["MenderEmb", "MenderNetwork", "MenderTok", "MenderTokNetwork", "render_texts", "tok_text_table", "model_examples", "evaluate_axes", "load_or_build_benchmark", "run"]

@@ -26,11 +26,32 @@ def fetch(model, task_name: str) -> dict:
       arrays[key] = (tasks.frozen_array(task_name, spec.name), spec.axes)
     elif isinstance(spec, base.ItemTextStates):
       arrays.update(text_states(task_name, spec))
+    elif isinstance(spec, base.StringStates):
+      arrays[key], arrays[f"{key}_mask"] = string_states(task_name, spec)
     else:
       raise TypeError(f"{type(model).__name__}.frozen_input_specs()[{key!r}] is a {type(spec).__name__}; "
                       "expected recjax.models.base.TaskArray or ItemTextStates")
   finish = getattr(model, "finish_frozen", None)
   return finish(arrays) if finish is not None else arrays
+
+
+def _cache_dir(task_name: str, cache_dir: str | None) -> str:
+  import recjax.tasks as tasks
+  data_dir = tasks.data_dir_of(task_name)
+  if cache_dir is None and data_dir is None:
+    raise ValueError(f"text states are cached beside the prepared dataset, but task {task_name!r} was not "
+                     "registered from one: give the model a text_cache_dir")
+  return cache_dir or str(pathlib.Path(data_dir) / "text_cache")
+
+
+def string_states(task_name: str, spec: base.StringStates) -> tuple[np.ndarray, np.ndarray]:
+  """(states [N, length, D], mask [N, length]) of the strings the task provides as `spec.name`."""
+  import recjax.tasks as tasks
+  from recjax.models import text as text_lib
+  from recjax.models.text import cache
+  strings = tasks.frozen_array(task_name, spec.name)
+  enc = text_lib.load_text_encoder(spec.encoder)
+  return cache.encode_strings_cached(enc, strings, spec.length, _cache_dir(task_name, spec.cache_dir))
 
 
 def text_states(task_name: str, spec: base.ItemTextStates) -> dict[str, np.ndarray]:
