@@ -260,3 +260,33 @@ def test_ragged_sources():
   assert isinstance(ds.element_spec["items"], tf.RaggedTensorSpec)
   rows = list(converters.ItemSequencePackingConverter()(ds, {"items": 4}).as_numpy_iterator())
   assert [r["targets"].tolist() for r in rows] == [[5, 6, 7, 8]]
+
+
+def test_encoder_decoder_and_preference_converters_keep_recent_whole_ids():
+  import tensorflow as tf
+  from recjax.data.converters import EncoderDecoderConverter, PreferenceConverter, user_bucket
+  ex = {"inputs": tf.ragged.constant([[3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 4, 5]], tf.int32),
+        "targets": tf.constant([[20, 21, 22], [23, 24, 25]], tf.int32),
+        "target_item": tf.constant([7, 8], tf.int32), "user_id": tf.constant([5, 6], tf.int32),
+        "history": tf.ragged.constant([[2, 3, 4], [9]], tf.int32),
+        "preferences": tf.ragged.constant([[4, 2], []], tf.int32), "sign": tf.constant([1.0, -1.0]),
+        "text_id": tf.constant([11, 12], tf.int32)}
+  ds = tf.data.Dataset.from_tensor_slices(ex)
+  # 8 input tokens with a user token: 7 left, so the 2 most recent whole 3-token IDs.
+  conv = EncoderDecoderConverter(input_unit=3, user_buckets=4, user_token_start=100)
+  rows = next(conv(ds, {"inputs": 8, "targets": 3}).batch(2).as_numpy_iterator())
+  user = 100 + user_bucket([5, 6], 4)
+  np.testing.assert_array_equal(rows["encoder_input_tokens"],
+                                [[user[0], 6, 7, 8, 9, 10, 11, 0], [user[1], 3, 4, 5, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(rows["decoder_input_tokens"], [[0, 20, 21], [0, 23, 24]])
+  np.testing.assert_array_equal(rows["decoder_loss_weights"], np.ones((2, 3)))
+  assert set(rows) == {"encoder_input_tokens", "decoder_target_tokens", "decoder_input_tokens",
+                       "decoder_loss_weights", "target_item", "user_id"}
+  pref = PreferenceConverter(max_items=2, num_preferences=3, input_unit=3)
+  rows = next(pref(ds, {"inputs": 6, "targets": 3}).batch(2).as_numpy_iterator())
+  np.testing.assert_array_equal(rows["history"], [[3, 4], [9, 0]])  # the most recent items
+  np.testing.assert_array_equal(rows["preferences"], [[3, 1, -1], [-1, -1, -1]])  # ids + 1 -> ids, -1 = none
+  np.testing.assert_array_equal(rows["sign"], [1.0, -1.0])
+  np.testing.assert_array_equal(rows["text"], [11, 12])
+  with pytest.raises(ValueError, match="holds no whole input of 3 tokens"):
+    conv(ds, {"inputs": 3, "targets": 3})
