@@ -365,19 +365,22 @@ TIGER = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tsid(synthetic_prepared, tmp_path_factory):
-  """The synthetic set with random semantic IDs "rand" (3 x 4 codes + a unique level)."""
+def _copy_with_random_ids(src, dst) -> pathlib.Path:
+  """A copy of a prepared dataset with random semantic IDs "rand" (3 x 4 codes + a unique level)."""
   import shutil
   from recjax.data.prepared import PreparedDataset
   from recjax.models import rqvae
-  data = tmp_path_factory.mktemp("tsid") / "synthetic"
-  shutil.copytree(synthetic_prepared["synthetic"], data)
-  n = PreparedDataset(data).vocab_size
+  shutil.copytree(src, dst)
+  n = PreparedDataset(dst).vocab_size
   codes = np.full((n, 4), -1, np.int32)
   codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
-  rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
-  return data
+  rqvae.save_semantic_ids(dst, "rand", codes, [4, 4, 4, 64], {})
+  return dst
+
+
+@pytest.fixture(scope="module")
+def tsid(synthetic_prepared, tmp_path_factory):
+  return _copy_with_random_ids(synthetic_prepared["synthetic"], tmp_path_factory.mktemp("tsid") / "synthetic")
 
 
 def test_tiger_trains_evaluates_and_its_export_reevaluates_identically(tsid, tmp_path):
@@ -420,25 +423,28 @@ def test_tiger_sigkill_then_resume_matches_uninterrupted(tsid, tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-_TIGER_REFERENCE = textwrap.dedent("""
+# One process feeding what two processes feed (each its own shard; the global batch is their
+# concatenation), for a semantic-ID model: argv = dataset dir, steps, out.npz, task, model.
+_SEQ2SEQ_REFERENCE = textwrap.dedent("""
     import functools, sys
     import jax, numpy as np, seqio
     from recjax.train import loop, mesh as mesh_lib
-    from recjax.models import tiger
+    from recjax.models import mender, tiger
     from recjax.data import pipeline
     import recjax.tasks as tasks
-    tasks.register_dataset_tasks("tsyn", sys.argv[1])
-    steps = int(sys.argv[2])
-    model = tiger.Tiger(vocab_size=loop.item_vocab_size("tsyn_sid_rand", "targets"), max_items=3, user_buckets=0,
-                        d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=1)
-    lengths = {"inputs": 12, "targets": 4}
-    # What two processes feed: each its own shard; the global batch is their concatenation.
-    shards = [pipeline.DataIterator("tsyn_sid_rand", split="train", feature_converter=model.feature_converter(),
-                                    task_feature_lengths=lengths, batch_size=16, shuffle=True, seed=0,
-                                    shard_info=seqio.ShardInfo(i, 2)) for i in range(2)]
+    data_dir, steps, out, task, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    tasks.register_dataset_tasks(task.split("_")[0], data_dir)
+    sizes = dict(vocab_size=loop.item_vocab_size(task, "targets"), max_items=3, d_model=16, d_kv=8, num_heads=2,
+                 d_ff=32, num_layers=1)
+    model = (tiger.Tiger(user_buckets=0, **sizes) if kind == "tiger"
+             else mender.MenderEmb(num_preferences=2, **sizes))
+    shards = [pipeline.DataIterator(task, split="train", feature_converter=model.feature_converter(),
+                                    task_feature_lengths={"inputs": 12, "targets": 4}, batch_size=16,
+                                    shuffle=True, seed=0, shard_info=seqio.ShardInfo(i, 2)) for i in range(2)]
     mesh = mesh_lib.create_mesh()
     opt = functools.partial(loop.make_optimizer, learning_rate=1e-3, schedule="constant", warmup_steps=0)
-    trainer = loop.Trainer(model, mesh, mesh_lib.DEFAULT_RULES, seed=0, total_steps=steps, optimizer_fn=opt)
+    trainer = loop.Trainer(model, mesh, mesh_lib.DEFAULT_RULES, seed=0, total_steps=steps, optimizer_fn=opt,
+                           frozen_inputs=loop.frozen_inputs(model, task))
     with jax.set_mesh(mesh):
       state, step = trainer.init_state(), trainer.make_train_step()
       for _ in range(steps):
@@ -448,22 +454,24 @@ _TIGER_REFERENCE = textwrap.dedent("""
     def names(path):
       parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
       return "/".join(parts[:-1] if parts[-1] == "value" else parts)
-    np.savez(sys.argv[3], **{names(k): np.asarray(v) for k, v in leaves})
+    np.savez(out, **{names(k): np.asarray(v) for k, v in leaves})
 """)
 
 
-def test_tiger_two_processes_match_one_process(tsid, tmp_path):
+def _two_processes_match_one(args, data_dir, dataset, task, kind, tmp_path):
+  """Trains 12 steps in two processes (launch/local.py, gloo) and checks the parameters
+  against one process fed the same global batches; returns the model dir."""
   model_dir = tmp_path / "mp"
   cmd = [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes", "2", "--",
-         sys.executable, "-m", "recjax.main", "train", *TIGER, "--gin.TRAIN_STEPS=12",
-         f"--gin.MODEL_DIR={model_dir}", "--dataset", f"tsyn={tsid}"]
+         sys.executable, "-m", "recjax.main", "train", *args, "--gin.TRAIN_STEPS=12",
+         f"--gin.MODEL_DIR={model_dir}", "--dataset", f"{dataset}={data_dir}"]
   two = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert two.returncode == 0, two.stdout[-3000:]
   assert "[1]" in two.stdout  # both processes ran
   script = tmp_path / "reference.py"
-  script.write_text(_TIGER_REFERENCE)
-  ref = subprocess.run([sys.executable, str(script), str(tsid), "12", str(tmp_path / "ref.npz")],
+  script.write_text(_SEQ2SEQ_REFERENCE)
+  ref = subprocess.run([sys.executable, str(script), str(data_dir), "12", str(tmp_path / "ref.npz"), task, kind],
                        capture_output=True, text=True, timeout=600, cwd=REPO)
   assert ref.returncode == 0, ref.stderr[-3000:]
   step, got = checkpoint_params(model_dir)
@@ -471,6 +479,12 @@ def test_tiger_two_processes_match_one_process(tsid, tmp_path):
   assert step == 12 and set(want) == set(got)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)
+  return model_dir
+
+
+
+def test_tiger_two_processes_match_one_process(tsid, tmp_path):
+  _two_processes_match_one(TIGER, tsid, "tsyn", "tsyn_sid_rand", "tiger", tmp_path)
 
 
 # --- Mender_Emb (preference-conditioned) through the same trainer ------------------------
@@ -493,71 +507,16 @@ MENDER = [
 @pytest.fixture(scope="module")
 def treg(synthetic_prepared, tmp_path_factory):
   """The synthetic REGEN set with random semantic IDs "rand" and its preference benchmark."""
-  import shutil
-  from recjax.data.prepared import PreparedDataset
   from recjax.evaluation import preferences as prefs
-  from recjax.models import rqvae
-  data = tmp_path_factory.mktemp("treg") / "regen"
-  shutil.copytree(synthetic_prepared["synthetic_regen"], data)
-  n = PreparedDataset(data).vocab_size
-  codes = np.full((n, 4), -1, np.int32)
-  codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
-  rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
+  data = _copy_with_random_ids(synthetic_prepared["synthetic_regen"], tmp_path_factory.mktemp("treg") / "regen")
   prefs.save_benchmark(prefs.build_benchmark(data, max_items=5, num_preferences=3, seed=0), data, "ground_truth")
   return data
 
 
-_MENDER_REFERENCE = textwrap.dedent("""
-    import functools, sys
-    import jax, numpy as np, seqio
-    from recjax.train import loop, mesh as mesh_lib
-    from recjax.models import mender
-    from recjax.data import pipeline
-    import recjax.tasks as tasks
-    tasks.register_dataset_tasks("treg", sys.argv[1])
-    steps, task = int(sys.argv[2]), "treg_pref_sid_rand_mix"
-    model = mender.MenderEmb(vocab_size=loop.item_vocab_size(task, "targets"), max_items=3, num_preferences=2,
-                             d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=1)
-    shards = [pipeline.DataIterator(task, split="train", feature_converter=model.feature_converter(),
-                                    task_feature_lengths={"inputs": 12, "targets": 4}, batch_size=16,
-                                    shuffle=True, seed=0, shard_info=seqio.ShardInfo(i, 2)) for i in range(2)]
-    mesh = mesh_lib.create_mesh()
-    opt = functools.partial(loop.make_optimizer, learning_rate=1e-3, schedule="constant", warmup_steps=0)
-    trainer = loop.Trainer(model, mesh, mesh_lib.DEFAULT_RULES, seed=0, total_steps=steps, optimizer_fn=opt,
-                           frozen_inputs=loop.frozen_inputs(model, task))
-    with jax.set_mesh(mesh):
-      state, step = trainer.init_state(), trainer.make_train_step()
-      for _ in range(steps):
-        parts = [next(s) for s in shards]
-        state, _ = step(state, trainer.to_global({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
-    leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
-    def names(path):
-      parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-      return "/".join(parts[:-1] if parts[-1] == "value" else parts)
-    np.savez(sys.argv[3], **{names(k): np.asarray(v) for k, v in leaves})
-""")
 
 
 def test_mender_emb_two_processes_match_one_process_and_evaluates_every_axis(treg, tmp_path):
-  model_dir = tmp_path / "mp"
-  cmd = [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes", "2", "--",
-         sys.executable, "-m", "recjax.main", "train", *MENDER, "--gin.TRAIN_STEPS=12",
-         f"--gin.MODEL_DIR={model_dir}", "--dataset", f"treg={treg}"]
-  two = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert two.returncode == 0, two.stdout[-3000:]
-  assert "[1]" in two.stdout
-  script = tmp_path / "reference.py"
-  script.write_text(_MENDER_REFERENCE)
-  ref = subprocess.run([sys.executable, str(script), str(treg), "12", str(tmp_path / "ref.npz")],
-                       capture_output=True, text=True, timeout=600, cwd=REPO)
-  assert ref.returncode == 0, ref.stderr[-3000:]
-  step, got = checkpoint_params(model_dir)
-  want = dict(np.load(tmp_path / "ref.npz"))
-  assert step == 12 and set(want) == set(got)
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)
-
+  model_dir = _two_processes_match_one(MENDER, treg, "treg", "treg_pref_sid_rand_mix", "mender_emb", tmp_path)
   out = subprocess.run([sys.executable, "-m", "recjax.main", "evaluate", *MENDER, f"--gin.MODEL_DIR={model_dir}",
                         "--dataset", f"treg={treg}"], capture_output=True, text=True, timeout=600, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
