@@ -76,6 +76,16 @@ def _literal(value: str) -> str:
     return repr(text)
 
 
+def check_files(files: list[str], search_paths: str) -> None:
+  """The argument errors that need no import: no --gin_file, or one found on no search path."""
+  if not files:
+    raise GinError("no --gin_file given; e.g. --gin_file=gin/experiments/quickstart.gin")
+  roots = [GIN_DIR, GIN_DIR.parent, pathlib.Path.cwd(), *map(pathlib.Path, filter(None, search_paths.split(",")))]
+  for f in files:
+    if not any((root / f).is_file() for root in roots) and not pathlib.Path(f).is_file():
+      raise GinError(f"gin file {f!r} not found in {', '.join(str(r) for r in roots)}")
+
+
 def _plain_files_only() -> None:
   """Drops gin's package-resource reader: recjax resolves gin files through search paths
   only. That reader reads 'runs/train.gin' as package 'runs', crashes on a plain `runs/`

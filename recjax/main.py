@@ -301,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_gin(args) -> None:
   from recjax import gin_cli
+  gin_cli.check_files(args.gin_file, args.gin_search_paths)  # before TensorFlow / JAX load: answers at once
   _load_tasks(args)
   gin_cli.run_entrypoint(args.gin_command, args, args.gin_bindings)
 

@@ -329,21 +329,34 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
     writer = _metric_writer(model_dir)
     (model_dir / "config.gin").write_text(config["gin"])
 
-    bar = _progress(progress, train_steps, start)
+    bar = None  # created after the compilation, so its rate and ETA are the steps' own
     window, last_metrics = [], {}
     t0, step = time.time(), start
+    run_start, compile_s = t0, None
     end = train_steps if stop_after_steps is None else min(train_steps, start + stop_after_steps)
     with _Preemption() as preemption:
       while step < end:
         state, metrics = step_fn(state, trainer.to_global(next(data)))
         window.append(metrics)
         step += 1
-        at_log = step % log_every == 0 or step == end
+        at_log = _is_log_step(step, start, log_every, end)
         if at_log:
           summary = _checked(window, t0, step, checkpointer)
+          if compile_s is None:
+            # The first window is the compilation plus one step: reported apart, so the
+            # rate and ETA that follow are the steps' own.
+            compile_s = time.time() - t0
+            del summary["steps_per_sec"], summary["items_per_sec"]
+            summary["compile_seconds"] = compile_s
+            if progress and jax.process_index() == 0:
+              print(f"step {step}: compiled and ran the first step in {compile_s:.1f}s (loss "
+                    f"{summary['loss']:.4f})", flush=True)
+            bar = _progress(progress, train_steps, step)
           writer.write_scalars(step, summary)
+          _append_log(model_dir, step, time.time() - run_start, summary)
+          bar.set_postfix(loss=f"{summary['loss']:.4f}",
+                          items_s=f"{summary.get('items_per_sec', 0.0):.0f}", refresh=False)
           bar.update(step - bar.n)
-          bar.set_postfix(loss=f"{summary['loss']:.4f}", items_s=f"{summary['items_per_sec']:.0f}")
           last_metrics, window, t0 = summary, [], time.time()
         # One process: the flag is a Python bool, free to read every step. Several: agree at
         # log steps (a collective), so every process saves the same step.
@@ -354,17 +367,44 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
           checkpointer.close()
           log.warning("SIGTERM: saved checkpoint at step %d; exiting", step)
           print(f"preempted: checkpoint saved at step {step}", flush=True)
-          bar.close()
+          if bar is not None:
+            bar.close()
           return dict(last_metrics, step=step, preempted=True)
         if step % checkpoint_every == 0 or step == end:
           if window:  # never checkpoint a state whose loss was not checked
             _checked(window, t0, step, checkpointer)
           checkpointer.save(step, state, _data_checkpoint(data), config, force=True)
-    bar.close()
+    if bar is not None:
+      bar.close()
     checkpointer.close()
     writer.flush()
+  if progress and jax.process_index() == 0:
+    print(_final_summary(start, step, time.time() - run_start, compile_s, last_metrics, checkpointer.directory,
+                         model_dir), flush=True)
   return dict(last_metrics, step=step)
 
+
+def _is_log_step(step: int, start: int, log_every: int, end: int) -> bool:
+  """Every `log_every` steps and the last; and, early in a run, after 1, 2, 4, 8, ... steps
+  (the first is the compilation), so rate and ETA show from the first steps. A function of
+  the step alone: every process logs (and agrees on preemption) at the same steps."""
+  k = step - start
+  return step % log_every == 0 or step == end or (k < log_every and k & (k - 1) == 0)
+
+
+def _append_log(model_dir: pathlib.Path, step: int, seconds: float, summary: dict) -> None:
+  """One JSON line per log step in MODEL_DIR/train_log.jsonl (primary process)."""
+  if jax.process_index() == 0:
+    with open(model_dir / "train_log.jsonl", "a") as f:
+      f.write(json.dumps({"step": step, "seconds": round(seconds, 3), **summary}) + "\n")
+
+
+def _final_summary(start, step, seconds, compile_s, metrics, checkpoints, model_dir) -> str:
+  shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "accuracy", "steps_per_sec") if k in metrics)
+  return (f"trained steps {start} -> {step} in {seconds:.0f}s"
+          + (f" ({compile_s:.1f}s compiling)" if compile_s is not None else "")
+          + (f"; last: {shown}" if shown else "") + f"\ncheckpoints: {checkpoints}\nTensorBoard: "
+          f"{model_dir / 'tensorboard'}\nlog: {model_dir / 'train_log.jsonl'}")
 
 class _MetricWriter:
   """TensorBoard event files in MODEL_DIR/tensorboard (primary process only).
