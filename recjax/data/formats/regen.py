@@ -60,9 +60,17 @@ def read(input, *, item_text=None, datamaps=None, bad: BadLines | None = None) -
   notes: dict[str, Any] = {}
 
   def records() -> Iterator["_Record"]:
+    first_line: dict[str, int] = {}
     for lineno, record in iter_records(input, once, parse="json"):
       try:
-        yield _parse(record, input, lineno)
+        rec = _parse(record, input, lineno)
+        # One line per user: a second line would silently merge two histories.
+        user = rec.user.user
+        if user in first_line:
+          raise FormatError(input, lineno, "reviewer_id", f"user {user} already has a line "
+                            f"(line {first_line[user]})", reason="duplicate_user")
+        first_line[user] = lineno
+        yield rec
       except FormatError as e:
         once.handle(e)
 
@@ -133,7 +141,9 @@ class _Record:
 
 def _parse(record: dict, path, lineno: int) -> _Record:
   def fail(field: str, problem: str) -> NoReturn:
-    raise FormatError(path, lineno, field, problem)
+    reason = ("missing_field" if problem == "missing" else
+              "out_of_range" if "finite" in problem else "wrong_type")
+    raise FormatError(path, lineno, field, problem, reason=reason)
 
   out = _Record()
   user = record.get("reviewer_id")
@@ -166,9 +176,10 @@ def _parse(record: dict, path, lineno: int) -> _Record:
       fail(f"{where}.item.asin", f"expected str, got {type(asin).__name__} {asin!r:.60}")
     out.items.append(Item(item=asin,
                           title=_text(item, "title", f"{where}.item", fail),
-                          description=join_text(item.get("description")),
+                          description=join_text(_text_or_list(item, "description", f"{where}.item", fail)),
                           price=parse_price(item.get("price")),
-                          categories=category_levels(item.get("category"), style="dash")))
+                          categories=_category(item.get("category"), f"{where}.item.category", fail),
+                          path=str(path), line=lineno))
 
     critique = _text(entry, "critique", where, fail)
     if "critique" in entry and _placeholder(critique):
@@ -188,7 +199,7 @@ def _parse(record: dict, path, lineno: int) -> _Record:
         summary=_text(review, "summary", f"{where}.review", fail),
         critique=None if _placeholder(critique) else critique,
         endorsement=_not_placeholder(_text(entry, "endorsement", where, fail)),
-        preferences=preferences))
+        preferences=preferences, path=str(path), line=lineno))
 
   narratives = {}
   sections = {name: _dict(record, name, "", fail, required=False)
@@ -220,6 +231,19 @@ def _text(parent: dict, key: str, where: str, fail) -> str | None:
   if not isinstance(value, str):
     fail(f"{where}.{key}", f"expected str, got {type(value).__name__} {value!r:.60}")
   return value.strip() or None
+
+
+def _text_or_list(parent: dict, key: str, where: str, fail):
+  value = parent.get(key)
+  if isinstance(value, list) and all(isinstance(v, str) for v in value):
+    return value
+  return _text(parent, key, where, fail)
+
+
+def _category(value, field: str, fail) -> tuple[str, ...]:
+  if value is not None and not isinstance(value, (str, list)):
+    fail(field, f"expected text, got {type(value).__name__} {value!r:.60}")
+  return category_levels(value, style="dash")
 
 
 def _placeholder(text: str | None) -> bool:
