@@ -94,7 +94,7 @@ MAX_ABS_RATING = 1e6
 # Why a record was refused; the manifest counts skipped records by these names.
 REASONS = ("unparsable", "undecodable", "truncated", "missing_field", "wrong_type", "out_of_range",
            "oversized", "empty_id", "duplicate_user", "duplicate_key", "unbalanced_quote",
-           "column_count", "unknown_id", "malformed")
+           "column_count", "unknown_id", "duplicate_interaction", "malformed")
 
 
 class FormatError(ValueError):
