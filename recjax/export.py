@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recjax import integrity
+from recjax.data import identity
 from recjax.evaluation import evaluate as eval_lib
 from recjax.evaluation import ranking
 from recjax.train import mesh as mesh_lib
@@ -61,8 +63,7 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
            export_dir: str = gin.REQUIRED, top_k: int = 20, checkpoint_step: int | None = None,
            mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES) -> str:
   """Writes EXPORT_DIR (see the module docstring); returns its path."""
-  out = pathlib.Path(export_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = integrity.begin_staged(export_dir, "export")  # moved to export_dir when complete
   mesh = mesh_fn()
   scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
                                             logical_axis_rules, checkpoint_step)
@@ -99,11 +100,13 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
               "length": int(length), "top_k": int(top_k), "batch_features": list(BATCH_FEATURES) + (["critiques"] if critiques else []),
               "item_ids": {"pad": 0, "mask": 1, "first": 2}, "platforms": list(exported_q.platforms),
               "usage": "jax.export.deserialize(open('recommend.jaxexport','rb').read()).call("
-                       "params, batch, table, bias) -> (scores [b, top_k], item ids [b, top_k])"}
+                       "params, batch, table, bias) -> (scores [b, top_k], item ids [b, top_k])",
+              "dataset": identity.of_task(mixture_or_task_name)}
   (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
   _write_items(out, mixture_or_task_name)
-  print(f"exported step {step} of {model_dir} to {out}")
-  return str(out)
+  integrity.finish_staged(out, export_dir, "export")
+  print(f"exported step {step} of {model_dir} to {export_dir}")
+  return str(export_dir)
 
 
 def _write_items(out: pathlib.Path, task_name: str) -> None:
@@ -125,6 +128,7 @@ def _write_items(out: pathlib.Path, task_name: str) -> None:
 
 def _load(export_dir):
   d = pathlib.Path(export_dir)
+  integrity.verify_export(d)
   with np.load(d / "params.npz") as z:
     params = {k: jnp.asarray(z[k]) for k in z.files}
   with np.load(d / "item_table.npz") as z:

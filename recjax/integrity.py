@@ -116,6 +116,41 @@ def commit_dir(stage, final, files: Iterable[str], index: str, what: str = "outp
     raise output_error(final, e, what) from None
 
 
+def begin_staged(final, what: str = "output") -> pathlib.Path:
+  """`staged_dir` for writers that cannot wrap their body in a `with`: returns the stage;
+  `finish_staged` commits it. A stage left by a failure is removed by the next writer."""
+  final = check_output_dir(final, what)
+  prefix = f".{final.name}.partial-"
+  for old in final.parent.glob(prefix + "*"):
+    pid = old.name[len(prefix):]
+    if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+      shutil.rmtree(old, ignore_errors=True)
+  stage = final.parent / f"{prefix}{os.getpid()}"
+  try:
+    stage.mkdir()
+  except OSError as e:
+    raise output_error(final, e, what) from None
+  return stage
+
+
+def finish_staged(stage, final, what: str = "output") -> None:
+  """Checksums every file of `stage`, moves them into `final` (checksums.json last)."""
+  stage = pathlib.Path(stage)
+  files = [str(p.relative_to(stage)) for p in sorted(stage.rglob("*")) if p.is_file()]
+  try:
+    write_checksums(stage, files)
+    commit_dir(stage, final, files, CHECKSUMS, what)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def verify_export(directory) -> None:
+  try:
+    verify_checksums(directory, "export")
+  except IntegrityError as e:
+    raise IntegrityError(f"{e}; refusing to load it: export the checkpoint again (recjax export)") from None
+
+
 def write_checksums(directory, files: Iterable[str], name: str = CHECKSUMS) -> dict[str, dict]:
   directory = pathlib.Path(directory)
   sums = {f: {"sha256": sha256_file(directory / f), "bytes": (directory / f).stat().st_size}
@@ -131,20 +166,19 @@ def verify_checksums(directory, what: str, name: str = CHECKSUMS, required: bool
   if not index.is_file():
     if required:
       raise IntegrityError(f"{what} {directory} has no {name}: it is incomplete (an interrupted write?) "
-                           "or predates checksums; write it again")
+                           "or predates checksums")
     return
   try:
     sums = json.loads(index.read_text())["files"]
   except (ValueError, KeyError, TypeError) as e:
-    raise IntegrityError(f"{what} {directory}: {name} is unreadable ({e}); write it again") from None
+    raise IntegrityError(f"{what} {directory}: {name} is unreadable ({e})") from None
   for f, expected in sums.items():
     path = directory / f
     if not path.is_file():
-      raise IntegrityError(f"{what} {directory} is missing {f}; write it again")
+      raise IntegrityError(f"{what} {directory} is missing {f}")
     size = path.stat().st_size
     if size != expected["bytes"]:
       raise IntegrityError(f"{what} file {path} has {size} bytes, not the {expected['bytes']} written: "
-                           "it is truncated or was changed; write it again")
+                           "it is truncated or was changed")
     if sha256_file(path) != expected["sha256"]:
-      raise IntegrityError(f"{what} file {path} does not match its checksum in {name}: it is corrupt or "
-                           "was edited; write it again")
+      raise IntegrityError(f"{what} file {path} does not match its checksum: it is corrupt or was edited")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recjax.data import identity
 from recjax.evaluation import ranking
 from recjax.train import mesh as mesh_lib
 
@@ -114,7 +115,8 @@ def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, 
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first")
-  state, _, _ = checkpointer.restore(step, trainer.abstract_state, trainer.param_shapes)
+  state, _, _ = checkpointer.restore(step, trainer.abstract_state, trainer.param_shapes,
+                                     task=mixture_or_task_name)
   checkpointer.close()
   return params_scorer(net_model, trainer, state.params), step
 
@@ -177,6 +179,7 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
   if exported_dir:
     from recjax import export as export_lib
     scorer, step = export_lib.load_scorer(exported_dir), export_lib.exported_step(exported_dir)
+    identity.check_export(exported_dir, mixture_or_task_name)
     converter = export_lib.load_eval_converter(exported_dir)
     out_dir = pathlib.Path(exported_dir)
   else:
