@@ -101,9 +101,14 @@ def summary_rows(manifest: dict[str, Any]) -> list[tuple[str, str]]:
       ("per-interaction fields", ", ".join(manifest["fields"][2:])),
       ("raw users / items / interactions",
        f"{filters['raw_users']:,} / {filters['raw_items']:,} / {filters['raw_interactions']:,}"),
-      ("bad lines skipped", str(manifest["bad_lines"]["skipped"])),
+      ("bad lines skipped", _skipped(manifest["bad_lines"])),
       ("content hash", manifest["content_hash"][:23] + "..."),
   ]
+
+
+def _skipped(bad: dict) -> str:
+  reasons = ", ".join(f"{k} {v}" for k, v in bad.get("by_reason", {}).items())
+  return f"{bad['skipped']} ({reasons})" if reasons else str(bad["skipped"])
 
 
 def format_table(rows: list[tuple[str, str]], title: str | None = None) -> str:

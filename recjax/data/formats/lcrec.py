@@ -116,6 +116,8 @@ def _is_array(value: Any) -> bool:
 
 
 def _sequence(user: str, sequence: Any, path) -> list[str]:
+  if not user.strip():
+    raise FormatError(path, None, f"inter[{user}]", "empty user id", reason="empty_id")
   if not _is_array(sequence):
     raise FormatError(path, None, f"inter[{user}]",
                       f"expected a list of item indices, got {type(sequence).__name__}", reason="wrong_type")

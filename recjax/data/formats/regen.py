@@ -29,8 +29,8 @@ import os
 from typing import Any, Iterator, NoReturn
 
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        UserInfo, category_levels, iter_records, join_text,
-                                        parse_price)
+                                        UserInfo, category_levels, check_interaction, check_item,
+                                        iter_records, join_text, parse_price)
 
 USER_KEYS = frozenset({"reviewer_id", "purchase_history", "last_purchase", "user", "metadata"})
 ENTRY_KEYS = frozenset({"item", "review"})
@@ -147,8 +147,10 @@ def _parse(record: dict, path, lineno: int) -> _Record:
 
   out = _Record()
   user = record.get("reviewer_id")
-  if user is None or user == "":
+  if user is None:
     fail("reviewer_id", "missing")
+  if isinstance(user, str) and not user.strip():
+    raise FormatError(path, lineno, "reviewer_id", "empty id", reason="empty_id")
   if not isinstance(user, (str, int)) or isinstance(user, bool):
     fail("reviewer_id", f"expected str, got {type(user).__name__} {user!r:.60}")
   user = str(user)
@@ -170,8 +172,10 @@ def _parse(record: dict, path, lineno: int) -> _Record:
     out.entry_keys.extend(f"review.{k}" for k in review if k not in REVIEW_KEYS)
 
     asin = item.get("asin")
-    if asin is None or asin == "":
+    if asin is None:
       fail(f"{where}.item.asin", "missing")
+    if isinstance(asin, str) and not asin.strip():
+      raise FormatError(path, lineno, f"{where}.item.asin", "empty id", reason="empty_id")
     if not isinstance(asin, str):
       fail(f"{where}.item.asin", f"expected str, got {type(asin).__name__} {asin!r:.60}")
     out.items.append(Item(item=asin,
@@ -201,6 +205,10 @@ def _parse(record: dict, path, lineno: int) -> _Record:
         endorsement=_not_placeholder(_text(entry, "endorsement", where, fail)),
         preferences=preferences, path=str(path), line=lineno))
 
+  # Values checked here, not per record downstream: a bad entry refuses its whole line
+  # (the user), as a skipped line, rather than leaving a history with a hole in it.
+  for entry_record in (*out.interactions, *out.items):
+    (check_interaction if isinstance(entry_record, Interaction) else check_item)(entry_record)
   narratives = {}
   sections = {name: _dict(record, name, "", fail, required=False)
               for name in ("last_purchase", "user")}

@@ -18,8 +18,8 @@ import os
 from typing import Any, Iterator
 
 from recjax.data.formats import recbole
-from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source, iter_lines,
-                                        read_document)
+from recjax.data.formats.common import (MAX_ID_CHARS, BadLines, FormatError, Interaction, Item,
+                                        Source, iter_lines, read_document)
 
 _EXAMPLES = 5  # ids listed in notes next to a count
 
@@ -94,11 +94,19 @@ def _parse(line: str, path, lineno: int) -> tuple[str, list[str]]:
       raise FormatError(path, lineno, "item_id",
                         f"item {position} of user {tokens[0]}: expected a non-negative integer, "
                         f"got {token!r:.40}", reason="wrong_type")
+  _check_lengths(tokens, path, lineno)  # the whole line, not one interaction of it
   return tokens[0], tokens[1:]
 
 
 def _is_id(token: str) -> bool:
   return token.isascii() and token.isdigit()
+
+
+def _check_lengths(tokens: list[str], path, lineno: int) -> None:
+  for token in tokens:
+    if len(token) > MAX_ID_CHARS:
+      raise FormatError(path, lineno, "item_id", f"id of {len(token)} digits (limit {MAX_ID_CHARS})",
+                        reason="oversized")
 
 
 def _lookup(mapping: dict[str, str], key: str, field: str, path, lineno: int, datamaps) -> str:

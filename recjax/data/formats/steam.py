@@ -101,8 +101,10 @@ def parse_date(value: Any, path, lineno: int, field: str = "date") -> int:
 def _identifier(record: dict, key: str, path, lineno: int) -> str | None:
   """Ids are strings in the dump ('725280'); integers from re-dumps are accepted too."""
   value = record.get(key)
-  if value is None or value == "":
+  if value is None:
     return None
+  if isinstance(value, str) and not value.strip():
+    raise FormatError(path, lineno, key, "empty id", reason="empty_id")
   if isinstance(value, bool) or not isinstance(value, (str, int)):
     raise FormatError(path, lineno, key, f"expected str or int, got {type(value).__name__} {value!r:.60}",
                       reason="wrong_type")
