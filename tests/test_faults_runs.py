@@ -208,3 +208,19 @@ def test_unwritable_outputs_name_the_path_and_cause(raw, tmp_path, capsys, monke
     tmp_path.chmod(0o700)
   assert code == 2 and one_sentence(err) and str(out) in err and cause in err, err[-2000:]
   assert not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--gin.TRAIN_STEP=5", "--gin.TRAIN_STEP=5: no gin file reads the macro TRAIN_STEP, so it would be "
+                           "ignored; did you mean TRAIN_STEPS?"),
+    ("--gin.TRAIN_STEPS='abc'", "--gin.TRAIN_STEPS='abc': loop.train.train_steps expects int, got str 'abc'"),
+    ("--gin.loop.make_optimizer.learning_rate=fast",
+     "loop.make_optimizer.learning_rate expects float, got str 'fast'"),
+    ("--gin.bert4rec.Bert4Rec.dimm=8", "doesn't have a parameter named 'dimm' (did you mean dim?)"),
+    ("--gin.lop.train.train_steps=5", "No configurable matching 'lop.train' (did you mean loop.train?)"),
+])
+def test_gin_overrides_that_would_be_ignored_or_crash_are_refused(capsys, tmp_path, override, expected):
+  code, err = run(capsys, "train", "--gin_file=experiments/quickstart.gin", f"--gin.MODEL_DIR={tmp_path}",
+                  override)
+  assert code == 2 and one_sentence(err) and expected in err, err[-2000:]
+  assert not (tmp_path / "checkpoints").exists()
