@@ -505,3 +505,19 @@ def test_fuzzed_records_are_valid_or_refused_and_counted(case, tmp_path_factory)
   else:
     assert lenient["bad_lines"]["skipped"] == 0
     assert lenient["content_hash"] == strict["content_hash"]
+
+
+def fault_table() -> str:
+  """The docs/data.md table: for each class x reader, the verdict this suite asserts."""
+  readers = list(FORMATS)
+  classes = list(dict.fromkeys(c.klass for c in CASES))
+  verdict = {(c.klass, c.fmt): f"`{c.reason}`" if c.reason else "error" for c in CASES}
+  rows = ["| fault | " + " | ".join(readers) + " |", "| --- |" + " --- |" * len(readers)]
+  for k in classes:
+    rows.append(f"| {k} | " + " | ".join(verdict.get((k, f), "n/a") for f in readers) + " |")
+  return "\n".join(rows)
+
+
+def test_docs_table_is_current():
+  docs = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+  assert fault_table() in docs, "regenerate: python -c 'import tests.test_faults_readers as t; print(t.fault_table())'"
