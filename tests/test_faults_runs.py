@@ -131,6 +131,36 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(trained, tmp_path, 
   assert (model / "eval_step_2.json").is_file() and not (model / "eval_step_4.json").exists()
 
 
+def test_checkpoint_without_checksums_that_orbax_cannot_read_is_one_sentence(trained, tmp_path, capsys):
+  data, model = copy_run(trained, tmp_path)
+  (model / "checkpoint_checksums" / "4.json").unlink()  # e.g. a run killed before it sealed step 4
+  target = _largest_file(model / "checkpoints" / "4")
+  target.write_bytes(b"")
+  code, err = run(capsys, "evaluate", *TINY, f"--gin.MODEL_DIR={model}", "--dataset", f"fz={data}")
+  assert code == 2 and one_sentence(err), err[-2000:]
+  assert "cannot restore checkpoint" in err and str(model / "checkpoints" / "4") in err
+  assert "delete it to use an earlier step" in err
+
+
+def test_a_save_killed_before_its_commit_leaves_the_previous_step(trained, tmp_path):
+  """Orbax writes a step under a temporary name and renames it when complete; a kill
+  before the rename leaves that directory behind, and the previous step is the latest."""
+  from recjax.train import checkpoint as ckpt_lib
+  _, model = copy_run(trained, tmp_path)
+  (model / "checkpoints" / "4").rename(model / "checkpoints" / "4.orbax-checkpoint-tmp-1234567")
+  checkpointer = ckpt_lib.Checkpointer(model)
+  assert checkpointer.latest_step() == 2
+  checkpointer.close()
+
+
+def test_model_dir_that_is_a_file_is_one_sentence(trained, tmp_path, capsys):
+  data, _ = trained
+  (tmp_path / "model").write_text("a file")
+  code, err = run(capsys, "train", *TINY, f"--gin.MODEL_DIR={tmp_path / 'model'}", "--gin.TRAIN_STEPS=2",
+                  "--dataset", f"fz={data}")
+  assert code == 2 and one_sentence(err) and str(tmp_path / "model") in err, err[-2000:]
+
+
 def test_tampered_export_is_refused_naming_the_file(trained, tmp_path, capsys):
   data, model = trained
   export = tmp_path / "export"
