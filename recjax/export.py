@@ -63,10 +63,10 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
            export_dir: str = gin.REQUIRED, top_k: int = 20, checkpoint_step: int | None = None,
            mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES) -> str:
   """Writes EXPORT_DIR (see the module docstring); returns its path."""
-  out = integrity.begin_staged(export_dir, "export")  # moved to export_dir when complete
   mesh = mesh_fn()
   scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
                                             logical_axis_rules, checkpoint_step)
+  out = integrity.begin_staged(export_dir, "export")  # moved to export_dir when complete
   flat, keys, treedef = _flatten(scorer.params)
   np.savez(out / "params.npz", **flat)
   np.savez(out / "item_table.npz", table=np.asarray(jax.device_get(scorer.item_table)),

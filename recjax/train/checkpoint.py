@@ -120,7 +120,28 @@ class Checkpointer:
       integrity.write_checksums(d, files, name=str(tmp))
       tmp.replace(target)
 
+  def _quarantine(self, step: int) -> None:
+    """Moves a corrupt step out of orbax's way (a run that fell back past it saves that
+    step again) into MODEL_DIR/corrupt_checkpoints, kept for inspection."""
+    if jax.process_index() == 0:
+      target = self.directory.parent / "corrupt_checkpoints" / str(step)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      suffix = 0
+      while target.exists():
+        suffix += 1
+        target = target.with_name(f"{step}.{suffix}")
+      (self.directory / str(step)).replace(target)
+      (self.checksum_dir / f"{step}.json").unlink(missing_ok=True)
+      log.warning("moved corrupt checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"recjax_quarantine_{step}")
+    self._verdicts.pop(step, None)
+    self.manager.reload()
+
   def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
+    if self._verdicts.get(step) is not None and step in self.manager.all_steps():
+      self._quarantine(step)
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
