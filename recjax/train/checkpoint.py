@@ -115,10 +115,13 @@ class Checkpointer:
       d = self.directory / str(step)
       if target.exists() or not d.is_dir():
         continue
-      files = [str(p.relative_to(d)) for p in sorted(d.rglob("*")) if p.is_file()]
       tmp = self.checksum_dir / f".{step}.json.tmp"
-      integrity.write_checksums(d, files, name=str(tmp))
-      tmp.replace(target)
+      try:
+        files = [str(p.relative_to(d)) for p in sorted(d.rglob("*")) if p.is_file()]
+        integrity.write_checksums(d, files, name=str(tmp))
+        tmp.replace(target)
+      except FileNotFoundError:  # orbax's max_to_keep removed the step meanwhile
+        tmp.unlink(missing_ok=True)
 
   def _quarantine(self, step: int) -> None:
     """Moves a corrupt step out of orbax's way (a run that fell back past it saves that
