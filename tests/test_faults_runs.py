@@ -275,3 +275,14 @@ def test_gin_overrides_that_would_be_ignored_or_crash_are_refused(capsys, tmp_pa
                   override)
   assert code == 2 and one_sentence(err) and expected in err, err[-2000:]
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_reprepare_in_place_keeps_other_files_and_leaves_no_staging(raw, tmp_path):
+  data = tmp_path / "fz"
+  prepare.prepare("amazon2018", raw, data, options=prepare.PrepareOptions(kcore=5))
+  (data / "artifacts").mkdir()
+  (data / "artifacts" / "note.txt").write_text("derived")
+  m = prepare.prepare("amazon2018", raw, data, options=prepare.PrepareOptions(kcore=5, max_seq_len=6))
+  assert (data / "artifacts" / "note.txt").read_text() == "derived"
+  assert prepared.PreparedDataset(data, verify=True).content_hash == m["content_hash"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["fz"]
