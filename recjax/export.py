@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recjax import integrity
+from recjax.data import identity
 from recjax.evaluation import evaluate as eval_lib
 from recjax.evaluation import evaluators
 from recjax.evaluation import exported as exported_lib
@@ -88,14 +90,15 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
   batch (None: symbolic). Evaluated with the same batch size as the checkpoint, a fixed
   batch compiles the same program, so near-tied beams order alike and the metrics match
   exactly; the reader pads smaller batches."""
-  out = pathlib.Path(export_dir)
-  out.mkdir(parents=True, exist_ok=True)
   mesh = mesh_fn()
   source = evaluators.Source.from_checkpoint(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
                                              checkpoint_step, task_feature_lengths)
+  out = integrity.begin_staged(export_dir, "export")  # moved to export_dir when complete
   if base.evaluator_name(source.model) == "generative_retrieval":
-    return _export_generative(source, out, mixture_or_task_name, task_feature_lengths, num_beams, model_dir,
-                              batch_size)
+    _export_generative(source, out, mixture_or_task_name, task_feature_lengths, num_beams, batch_size)
+    integrity.finish_staged(out, export_dir, "export")
+    print(f"exported step {source.step} of {model_dir} to {export_dir}")
+    return str(export_dir)
   scorer, step = eval_lib.params_scorer(source.model, source.trainer, source.params), source.step
   flat, keys, treedef = _flatten(scorer.params)
   np.savez(out / "params.npz", **flat)
@@ -130,11 +133,13 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
               "length": int(length), "top_k": int(top_k), "batch_features": list(BATCH_FEATURES) + (["critiques"] if critiques else []),
               "item_ids": {"pad": 0, "mask": 1, "first": 2}, "platforms": list(exported_q.platforms),
               "usage": "jax.export.deserialize(open('recommend.jaxexport','rb').read()).call("
-                       "params, batch, table, bias) -> (scores [b, top_k], item ids [b, top_k])"}
+                       "params, batch, table, bias) -> (scores [b, top_k], item ids [b, top_k])",
+              "dataset": identity.of_task(mixture_or_task_name)}
   (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
   _write_items(out, mixture_or_task_name)
-  print(f"exported step {step} of {model_dir} to {out}")
-  return str(out)
+  integrity.finish_staged(out, export_dir, "export")
+  print(f"exported step {step} of {model_dir} to {export_dir}")
+  return str(export_dir)
 
 
 def _write_items(out: pathlib.Path, task_name: str) -> None:
@@ -152,7 +157,7 @@ def _write_items(out: pathlib.Path, task_name: str) -> None:
 
 
 def _export_generative(source, out: pathlib.Path, task_name: str, task_feature_lengths, num_beams: int,
-                       model_dir, batch_size: int | None) -> str:
+                       batch_size: int | None) -> None:
   import recjax.tasks as tasks
   model, trainer = source.model, source.trainer
   tables = generative.trie_tables(tasks.semantic_ids_of(task_name))
@@ -187,8 +192,7 @@ def _export_generative(source, out: pathlib.Path, task_name: str, task_feature_l
               "platforms": list(exported.platforms),
               "usage": "jax.export.deserialize(open('generate.jaxexport','rb').read()).call(params, "
                        "(level_0, ..., level_L-1), {'encoder_input_tokens': int32 [b, E]}) -> "
-                       "(item ids [b, num_beams], scores [b, num_beams]); -1 = no item"}
+                       "(item ids [b, num_beams], scores [b, num_beams]); -1 = no item",
+              "dataset": identity.of_task(task_name)}
   (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
   _write_items(out, task_name)
-  print(f"exported step {source.step} of {model_dir} to {out}")
-  return str(out)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import pathlib
+import types
+import typing
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
 
@@ -33,6 +36,13 @@ ENTRYPOINTS = {
 
 class GinError(ValueError):
   """A gin problem (missing binding, unknown name) reported as one sentence."""
+
+
+class Override(str):
+  """A binding given on the command line (`flag` is how the user wrote it). Only these
+  are checked for names nothing reads: gin silently accepts a macro no file uses."""
+
+  flag: str = ""
 
 
 def add_gin_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +67,9 @@ def split_gin_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
           raise GinError(f"{arg} needs a value (--gin.NAME=VALUE)")
         name, value = arg[len("--gin."):], argv[i + 1]
         i += 1
-      bindings.append(f"{name} = {_literal(value)}")
+      binding = Override(f"{name} = {_literal(value)}")
+      binding.flag = f"--gin.{name}={value}"
+      bindings.append(binding)
     else:
       rest.append(arg)
     i += 1
@@ -111,7 +123,135 @@ def parse_gin(files: list[str], bindings: list[str], search_paths: str) -> None:
     if "set to `%gin.REQUIRED`" in message:
       name = message.split("/")[0]
       message = f"missing gin binding {name}: set it in a gin file or with --gin.{name}=VALUE"
-    raise GinError(message) from None
+    raise GinError(message.rstrip(".") + _close_names(message)) from None
+  _check_overrides([b for b in bindings if isinstance(b, Override)])
+
+
+# --- checks gin does not make -------------------------------------------------------
+
+
+def _gin_config():
+  from gin import config as gin_config
+  return gin_config
+
+
+def _close_names(message: str) -> str:
+  """' (did you mean ...?)' for gin's unknown-configurable / unknown-parameter errors."""
+  C = _gin_config()
+  if message.startswith("No configurable matching '"):
+    wanted = message.split("'")[1]
+    names = set()
+    for selector, _ in C._REGISTRY.items():
+      parts = selector.split(".")
+      names.update(".".join(parts[i:]) for i in range(len(parts) - 1))
+    close = difflib.get_close_matches(wanted, sorted(names), n=3, cutoff=0.75)
+  elif "doesn't have a parameter named '" in message:
+    configurable, wanted = message.split("'")[1], message.split("'")[-2]
+    fn = _function(configurable)
+    close = difflib.get_close_matches(wanted, list(_parameters(fn)), n=3) if fn else []
+  else:
+    return ""
+  return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _function(selector: str):
+  C = _gin_config()
+  try:
+    configurable = C._REGISTRY.get_match(selector)
+  except (KeyError, ValueError):  # ambiguous
+    configurable = None
+  if configurable is None:  # dynamic registration: 'bert4rec.Bert4Rec' is a module alias
+    configurable = next((c for key, c in C._REGISTRY.items() if key.endswith("." + selector)), None)
+  return getattr(configurable, "wrapped", None)
+
+
+def _parameters(fn) -> dict[str, typing.Any]:
+  """{name: type hint or None} of a configurable function or class."""
+  import inspect
+  target = fn.__init__ if isinstance(fn, type) else fn
+  try:
+    names = list(inspect.signature(target).parameters)
+  except (TypeError, ValueError):
+    return {}
+  try:
+    hints = typing.get_type_hints(target)
+  except Exception:  # unresolvable annotations: names only
+    hints = {}
+  return {n: hints.get(n) for n in names if n not in ("self", "args", "kwargs")}
+
+
+def _macro_uses() -> tuple[dict[str, list[tuple[str, str]]], set[str]]:
+  """({macro: [(selector, parameter) reading it directly]}, every macro name defined or read)."""
+  C = _gin_config()
+  uses: dict[str, list[tuple[str, str]]] = {}
+  names = set()
+  for (scope, selector), params in C._CONFIG.items():
+    if selector == "gin.macro":
+      names.add(scope)
+    for param, value in params.items():
+      for v in C._iterate_flattened_values(value):
+        if isinstance(v, C.ConfigurableReference) and v.config_key[1] == "gin.macro":
+          direct = v is value
+          uses.setdefault(v.config_key[0], []).append((selector, param) if direct else (selector, ""))
+  return uses, names | set(uses)
+
+
+def _check_overrides(overrides: list[Override]) -> None:
+  """Refuses an override of a macro no gin file reads (a typo gin would ignore) and a
+  value whose type does not fit the parameter it reaches."""
+  if not overrides:
+    return
+  C = _gin_config()
+  uses, macros = _macro_uses()
+  for b in overrides:
+    name, value_text = (x.strip() for x in b.split("=", 1))
+    if "." not in name and "/" not in name:
+      if name not in uses:
+        close = difflib.get_close_matches(name, sorted(macros - {name}), n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else "check the name against the gin files"
+        raise GinError(f"{b.flag}: no gin file reads the macro {name}, so it would be ignored; {hint}")
+      value = C._CONFIG.get((name, "gin.macro"), {}).get("value")
+      targets = [t for t in uses[name] if t[1]]
+    else:
+      selector, _, param = name.rpartition(".")
+      value = _literal_value(value_text)
+      targets = [(selector, param)]
+    for selector, param in targets:
+      fn = _function(selector)
+      hint = _parameters(fn).get(param) if fn else None
+      problem = _type_problem(hint, value)
+      if problem:
+        short = ".".join(selector.split(".")[-2:])
+        raise GinError(f"{b.flag}: {short}.{param} {problem}")
+
+
+def _literal_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return None  # a reference (@x, %X) or an expression: not checked
+
+
+_SIMPLE = {int: "int", float: "float", bool: "bool", str: "str", type(None): "None"}
+
+
+def _type_problem(hint, value) -> str | None:
+  """'expects int, got str 'abc'' when `value` cannot be `hint` (simple types only)."""
+  if hint is None or value is None and hint is not type(None):
+    return None
+  options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+  if not all(o in _SIMPLE for o in options):
+    return None
+  C = _gin_config()
+  if isinstance(value, C.ConfigurableReference):
+    return None
+  for o in options:
+    if (o is type(None) and value is None) or (o is bool and isinstance(value, bool)) or (
+        o is int and isinstance(value, int) and not isinstance(value, bool)) or (
+        o is float and isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+        o is str and isinstance(value, str)):
+      return None
+  return f"expects {' or '.join(_SIMPLE[o] for o in options)}, got {type(value).__name__} {value!r:.40}"
 
 
 def run_entrypoint(command: str, args, gin_bindings: list[str]):

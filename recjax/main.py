@@ -838,6 +838,10 @@ def main(argv=None) -> int:
     # gin appends "In call to configurable ..." lines; the first line is the sentence.
     print(f"recjax {args.command}: error: {str(message).splitlines()[0]}", file=sys.stderr)
     return 2
+  except OSError as e:  # an unwritable / wrong-kind path: name it and the cause, no traceback
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"recjax {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+    return 2
   return 0
 
 

@@ -131,10 +131,16 @@ def test_bad_datamaps(tmp_path):
     s3rec.read(path, datamaps=tmp_path / "absent.json")
 
 
-def test_duplicate_user_lines_are_noted(tmp_path):
-  source = s3rec.read(write(tmp_path / "Toy.txt", "1 1 2\n1 3\n"))
+def test_duplicate_user_lines_are_refused_or_counted(tmp_path):
+  # A second line for a user would merge two histories: an error, or a counted skip.
+  path = write(tmp_path / "Toy.txt", "1 1 2\n1 3\n")
+  source = s3rec.read(path)
   assert source.notes["duplicate_user_lines"] == 1
-  assert [i.order for i in source.interactions()] == [0, 1, 2]
+  with pytest.raises(FormatError, match=r"Toy.txt:2: field 'user_id': user 1 already has a line \(line 1\)"):
+    list(source.interactions())
+  bad = BadLines(skip=True)
+  assert [(i.item, i.order) for i in s3rec.read(path, bad=bad).interactions()] == [("1", 0), ("2", 1)]
+  assert bad.summary()["by_reason"] == {"duplicate_user": 1}
 
 
 def test_real_beauty(beauty_dir):

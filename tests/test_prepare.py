@@ -104,10 +104,17 @@ def test_mixed_timestamps_are_rejected(tmp_path):
 def test_content_hash_detects_changes(tmp_path):
   m, ds = build(tmp_path, [("u", x, t) for t, x in enumerate("abc")])
   ds.verify()
-  with open(ds.data_dir / prepare.ITEMS_FILE, "ab") as f:
-    f.write(b"tampered")
+  path = ds.data_dir / prepare.ITEMS_FILE
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0xFF  # same size: only the hash sees it
+  path.write_bytes(bytes(data))
+  prepared.PreparedDataset(ds.data_dir)
   with pytest.raises(ValueError, match="content hash"):
     prepared.PreparedDataset(ds.data_dir, verify=True)
+  with open(path, "ab") as f:  # another size: refused on every open
+    f.write(b"tampered")
+  with pytest.raises(prepared.IncompleteDataset, match="changed or half-written"):
+    prepared.PreparedDataset(ds.data_dir)
 
 
 events_strategy = st.lists(
@@ -142,7 +149,8 @@ def test_kcore_is_the_largest_fixed_point(events, k, min_len):
 @given(events=events_strategy, max_len=st.sampled_from([0, 3, 4, 7]))
 def test_split_boundaries_and_conservation(tmp_path_factory, events, max_len):
   tmp = tmp_path_factory.mktemp("p")
-  events = [(u, i, t) for u, i, t in events]
+  # Exact duplicates are refused (tests/test_faults_readers.py); drop them here.
+  events = list(dict.fromkeys((u, i, t) for u, i, t in events))
   options = prepare.PrepareOptions(max_seq_len=max_len)
   per_user = collections.defaultdict(list)
   for order, (u, i, t) in enumerate(events):

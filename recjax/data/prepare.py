@@ -11,7 +11,15 @@ Pipeline (each step columnar over numpy arrays, so a Clothing-size source fits i
              both in natural order of the original ids, so the output does not depend on
              file order
   split      leave-one-out: last item = test target, second to last = valid target
-  write      items.parquet, sequences.parquet, manifest.json (counts, options, content hash)
+  write      items.parquet, sequences.parquet, manifest.json (counts, options, content hash),
+             into a hidden sibling directory first, moved into place when complete with
+             the manifest last (recjax.integrity), so an interrupted prepare leaves no
+             dataset that can be read
+
+Before ordering, records that cannot be placed are refused (an error naming file:line)
+or, with skip_bad_lines, dropped and counted by reason: an exact duplicate of an earlier
+interaction (same user, item, timestamp and every other field; only where the source has
+timestamps), and an interaction without a timestamp in a source whose others have one.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recjax import integrity
 from recjax.data import formats
-from recjax.data.formats.common import NARRATIVE_FIELDS, BadLines, Source
+from recjax.data.formats.common import NARRATIVE_FIELDS, BadLines, FormatError, Source
 
 PAD_ID = 0
 MASK_ID = 1
@@ -77,6 +86,8 @@ class _Columns:
     self.text: dict[str, list[str | None]] = {f: [] for f in _TEXT_FIELDS}
     self.preferences: list[tuple[str, ...] | None] = []
     self.present: set[str] = set()
+    self.line: list[int] = []  # where each row came from, for errors raised after collection
+    self.path: list[str | None] = []
 
   def add(self, x) -> None:
     self.user.append(self.user_index.setdefault(x.user, len(self.user_index)))
@@ -90,6 +101,8 @@ class _Columns:
       if value is not None:
         self.present.add(f)
     self.preferences.append(x.preferences)
+    self.line.append(-1 if x.line is None else x.line)
+    self.path.append(x.path)
     if x.timestamp is not None:
       self.present.add("timestamp")
     if x.rating is not None:
@@ -138,12 +151,15 @@ def prepare(format: str, input: str | os.PathLike, output: str | os.PathLike, *,
   options.validate()
   start = time.time()
   bad = BadLines(skip=options.skip_bad_lines)
+  integrity.check_output_dir(output, "prepared dataset")
   source = formats.read(format, input, item_text=item_text, datamaps=datamaps, bad=bad)
-  manifest = build(source, output, options, bad)
-  manifest["inputs"] = {k: os.fspath(v) for k, v in
-                        (("input", input), ("item_text", item_text), ("datamaps", datamaps)) if v}
-  manifest["seconds"] = round(time.time() - start, 2)
-  _write_manifest(output, manifest)
+  with integrity.staged_dir(output, "prepared dataset") as stage:
+    manifest = build(source, stage, options, bad)
+    manifest["inputs"] = {k: os.fspath(v) for k, v in
+                          (("input", input), ("item_text", item_text), ("datamaps", datamaps)) if v}
+    manifest["seconds"] = round(time.time() - start, 2)
+    _write_manifest(stage, manifest)
+    integrity.commit_dir(stage, output, manifest["files"], MANIFEST, "prepared dataset")
   return manifest
 
 
@@ -163,13 +179,20 @@ def build(source: Source, output, options: PrepareOptions, bad: BadLines) -> dic
   item = np.asarray(cols.item, np.int64)
   order = np.asarray(cols.order, np.int64)
   has_ts = "timestamp" in cols.present
+  valid = np.ones(len(user), bool)
   if has_ts:
-    missing = sum(t is None for t in cols.timestamp)
-    if missing:
-      raise ValueError(f"{source.format}: {missing} interactions lack a timestamp while others have "
-                       "one; the reader must supply all or none")
-    ts = np.asarray(cols.timestamp, np.int64)
+    missing = np.fromiter((t is None for t in cols.timestamp), bool, len(user))
+    _refuse(cols, np.flatnonzero(missing), bad, "timestamp", "missing (records that lack a timestamp "
+            "cannot be placed in a history whose other records have one)", "missing_field")
+    valid &= ~missing
+    ts = np.asarray([0 if t is None else t for t in cols.timestamp], np.int64)
     idx = np.lexsort((order, ts, user))
+    idx = idx[valid[idx]]
+    dup = _exact_duplicates(cols, idx, user, item, ts)
+    stats["exact_duplicate_interactions"] = len(dup)
+    _refuse(cols, dup[:, 1], bad, None, dup[:, 0], "duplicate_interaction")
+    valid[dup[:, 1]] = False
+    idx = idx[valid[idx]]
   else:
     ts = None
     idx = np.lexsort((order, user))
@@ -236,9 +259,58 @@ def build(source: Source, output, options: PrepareOptions, bad: BadLines) -> dic
       "bad_lines": bad.summary(),
       "reader_notes": source.notes,
       "files": [ITEMS_FILE, SEQUENCES_FILE],
+      # Checked on every open (cheap); the content hash is checked by `verify()`.
+      "file_bytes": {f: (out / f).stat().st_size for f in (ITEMS_FILE, SEQUENCES_FILE)},
   }
   manifest["content_hash"] = content_hash(out)
   return manifest
+
+
+def _where(cols: _Columns, row: int) -> tuple[str, int | None]:
+  return cols.path[row] or "<input>", None if cols.line[row] < 0 else cols.line[row]
+
+
+def _refuse(cols: _Columns, rows, bad: BadLines, field, problem, reason: str) -> None:
+  """Each row in `rows` goes through the bad-line policy (an error at its file:line, or a
+  counted skip); `problem` is a sentence or, per row, the row it duplicates."""
+  for i, row in enumerate(rows):
+    path, line = _where(cols, int(row))
+    if isinstance(problem, str):
+      text = problem
+    else:
+      first_path, first_line = _where(cols, int(problem[i]))
+      text = (f"exact duplicate of the interaction at {first_path}:{first_line} (same user, item, "
+              "timestamp and fields)")
+    bad.handle(FormatError(path, line, field, text, reason=reason))
+
+
+def _exact_duplicates(cols: _Columns, idx: np.ndarray, user, item, ts) -> np.ndarray:
+  """[[first row, repeated row], ...]: rows equal in user, item, timestamp and every field.
+
+  `idx` is ordered by (user, timestamp, file order), so equal rows sit in one run of
+  equal (user, timestamp); only runs with a repeated item are compared field by field.
+  """
+  u, t, it = user[idx], ts[idx], item[idx]
+  same = np.flatnonzero((u[1:] == u[:-1]) & (t[1:] == t[:-1]))
+  if not len(same):
+    return np.zeros((0, 2), np.int64)
+  # Candidate pairs: rows of one (user, timestamp) run with the same item.
+  starts = np.flatnonzero(np.r_[True, (u[1:] != u[:-1]) | (t[1:] != t[:-1])])
+  run_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(idx)]))
+  sizes = np.bincount(run_of)
+  out = []
+  for r in np.flatnonzero(sizes > 1):
+    members = idx[starts[r]:starts[r] + sizes[r]]
+    first: dict = {}
+    for row in members:
+      row = int(row)
+      key = (int(item[row]), cols.rating[row], cols.preferences[row],
+             *(cols.text[f][row] for f in _TEXT_FIELDS))
+      if key in first:
+        out.append((first[key], row))
+      else:
+        first[key] = row
+  return np.asarray(out, np.int64).reshape(-1, 2)
 
 
 def _keep_most_recent(user: np.ndarray, keep: np.ndarray, n: int) -> np.ndarray:

@@ -12,16 +12,38 @@ import pyarrow.parquet as pq
 from recjax.data import prepare as _prepare
 
 
+class IncompleteDataset(ValueError):
+  """A dataset directory that must not be read (interrupted prepare, changed files)."""
+
+
 class PreparedDataset:
   """A prepared dataset: `items()` and `sequences()` tables plus the manifest."""
 
   def __init__(self, data_dir, *, verify: bool = False):
     self.data_dir = pathlib.Path(data_dir)
     path = self.data_dir / _prepare.MANIFEST
+    data_files = (_prepare.ITEMS_FILE, _prepare.SEQUENCES_FILE)
     if not path.is_file():
+      if any((self.data_dir / f).exists() for f in data_files):
+        raise IncompleteDataset(f"{self.data_dir} is a half-written prepared dataset (data files but no "
+                                f"{_prepare.MANIFEST}: an interrupted `recjax prepare`?); prepare it again")
       raise FileNotFoundError(f"{self.data_dir} is not a prepared dataset (no {_prepare.MANIFEST}); "
                               "create it with `recjax prepare`")
-    self.manifest: dict[str, Any] = json.loads(path.read_text())
+    try:
+      self.manifest: dict[str, Any] = json.loads(path.read_text())
+      self.manifest["content_hash"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise IncompleteDataset(f"{path} is unreadable or incomplete ({e!r:.80}); prepare the dataset "
+                              "again") from None
+    # Sizes are cheap to check on every open and catch the usual accidents: a data file
+    # from another prepare beside this manifest, a truncated copy. `verify` hashes them.
+    for name, size in self.manifest.get("file_bytes", {}).items():
+      f = self.data_dir / name
+      actual = f.stat().st_size if f.is_file() else None
+      if actual != size:
+        state = "is missing" if actual is None else f"has {actual} bytes, not the {size} the manifest records"
+        raise IncompleteDataset(f"{f} {state}: the dataset was changed or half-written after it was "
+                                "prepared; prepare it again")
     if verify:
       self.verify()
 
@@ -79,9 +101,14 @@ def summary_rows(manifest: dict[str, Any]) -> list[tuple[str, str]]:
       ("per-interaction fields", ", ".join(manifest["fields"][2:])),
       ("raw users / items / interactions",
        f"{filters['raw_users']:,} / {filters['raw_items']:,} / {filters['raw_interactions']:,}"),
-      ("bad lines skipped", str(manifest["bad_lines"]["skipped"])),
+      ("bad lines skipped", _skipped(manifest["bad_lines"])),
       ("content hash", manifest["content_hash"][:23] + "..."),
   ]
+
+
+def _skipped(bad: dict) -> str:
+  reasons = ", ".join(f"{k} {v}" for k, v in bad.get("by_reason", {}).items())
+  return f"{bad['skipped']} ({reasons})" if reasons else str(bad["skipped"])
 
 
 def format_table(rows: list[tuple[str, str]], title: str | None = None) -> str:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recjax.data import identity
 from recjax.evaluation import ranking
 from recjax.evaluation.scorer import Scorer  # noqa: F401  (re-exported: callers build Scorers)
 from recjax.train import mesh as mesh_lib
@@ -97,7 +98,8 @@ def restore_checkpoint(model, mixture_or_task_name: str, model_dir, mesh, rules,
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first")
-  state, _, _ = checkpointer.restore(step, trainer.abstract_state, trainer.param_shapes)
+  state, _, _ = checkpointer.restore(step, trainer.abstract_state, trainer.param_shapes,
+                                     task=mixture_or_task_name)
   checkpointer.close()
   return net_model, trainer, state.params, step
 
@@ -187,6 +189,7 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
   mesh = mesh_fn()
   if exported_dir:
     from recjax.evaluation import exported
+    identity.check_export(exported_dir, mixture_or_task_name)
     name = evaluator or exported.kind(exported_dir)
     source = evaluators.Source.from_export(exported_dir)
     out_dir = pathlib.Path(exported_dir)

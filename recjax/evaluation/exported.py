@@ -13,11 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recjax import integrity
 from recjax.evaluation.scorer import Scorer
 from recjax.models import beam_search as bs
 
 
 def metadata(export_dir) -> dict:
+  """The export's metadata, after every file's checksum is verified (a tampered or
+  truncated export is refused naming the file)."""
+  integrity.verify_export(export_dir)
   return json.loads((pathlib.Path(export_dir) / "metadata.json").read_text())
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from recjax.data import identity
 from recjax.train import checkpoint as ckpt_lib
 from recjax.train import mesh as mesh_lib
 
@@ -291,13 +292,15 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
           mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES,
           optimizer: Callable = make_optimizer, log_every: int = 50, checkpoint_every: int = 500,
           keep_checkpoints: int = 3, pack: bool = True, progress: bool = True,
-          stop_after_steps: int | None = None, reuse_rows: bool | None = None) -> dict[str, Any]:
+          stop_after_steps: int | None = None, reuse_rows: bool | None = None,
+          allow_dataset_change: bool = False) -> dict[str, Any]:
   """Trains `model` on a SeqIO task; resumes from MODEL_DIR. Returns the last metrics.
 
   `stop_after_steps` ends this invocation early (with a checkpoint) without changing
   the schedule, as a preemption would; tests use it. `reuse_rows`: see
   `pipeline.DataIterator` (None = automatic; False resumes a run whose data position was
-  saved while its rows were converted every epoch).
+  saved while its rows were converted every epoch). `allow_dataset_change` resumes a
+  checkpoint whose dataset was re-prepared (a deliberate fine-tune; refused otherwise).
   """
   from recjax.data import pipeline
 
@@ -314,7 +317,8 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
   checkpointer = ckpt_lib.Checkpointer(model_dir, keep=keep_checkpoints)
   # Operative config: every binding actually used so far (model, optimizer, mesh, train).
   config = {"gin": gin.operative_config_str(), "param_shapes": trainer.param_shapes,
-            "task": mixture_or_task_name, "model": type(net_model).__name__}
+            "task": mixture_or_task_name, "model": type(net_model).__name__,
+            "dataset": identity.of_task(mixture_or_task_name)}
 
   with jax.set_mesh(mesh):
     start = checkpointer.latest_step()
@@ -322,7 +326,9 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
       state = trainer.init_state()
       start = 0
     else:
-      state, data_state, _ = checkpointer.restore(start, trainer.abstract_state, trainer.param_shapes)
+      state, data_state, _ = checkpointer.restore(start, trainer.abstract_state, trainer.param_shapes,
+                                                  task=mixture_or_task_name,
+                                                  allow_dataset_change=allow_dataset_change)
       _restore_data(data, data_state)
       log.info("resumed from step %d", start)
     step_fn = trainer.make_train_step()

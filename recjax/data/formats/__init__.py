@@ -8,7 +8,8 @@ where `input` is the interaction file, `item_text` the optional item-metadata fi
 
 from recjax.data.formats import amazon, lcrec, recbole, regen, s3rec, steam
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        UserInfo, category_levels)
+                                        UserInfo, category_levels, check_interaction, check_item,
+                                        check_user, checked)
 
 READERS = {
     "s3rec": s3rec.read,
@@ -24,4 +25,11 @@ READERS = {
 def read(format: str, input, **kwargs) -> Source:
   if format not in READERS:
     raise ValueError(f"unknown format {format!r}; choose one of {sorted(READERS)}")
-  return READERS[format](input, **kwargs)
+  source = READERS[format](input, **kwargs)
+  # One set of value checks (ids, ranges, sizes, types) for every format, so a reader
+  # only has to say where each record came from.
+  bad = source.bad_lines or BadLines()
+  source.interactions = checked(source.interactions, check_interaction, bad)
+  source.items = checked(source.items, check_item, bad)
+  source.users = checked(source.users, check_user, bad)
+  return source

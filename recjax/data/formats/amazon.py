@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
                                         category_levels, clean_text, iter_records,
                                         resolve_item_text, join_text, parse_price,
-                                        require)
+                                        require, require_id)
 
 _EXTENSIONS = (".json.gz", ".jsonl.gz", ".json", ".jsonl", ".gz")
 
@@ -95,17 +95,17 @@ def _read(input, item_text, datamaps, bad, edition: int) -> Source:
 
 
 def _interaction(record: dict, path, lineno: int) -> Interaction:
-  user = require(record, "reviewerID", path, lineno, str)
-  item = require(record, "asin", path, lineno, str)
+  user = require_id(record, "reviewerID", path, lineno)
+  item = require_id(record, "asin", path, lineno)
   rating = require(record, "overall", path, lineno, (int, float))
-  if isinstance(rating, bool) or not math.isfinite(rating):
-    raise FormatError(path, lineno, "overall", f"expected a finite number, got {rating!r}")
+  if not math.isfinite(rating):
+    raise FormatError(path, lineno, "overall", f"expected a finite number, got {rating!r}",
+                      reason="out_of_range")
   timestamp = require(record, "unixReviewTime", path, lineno, int)
-  if isinstance(timestamp, bool):
-    raise FormatError(path, lineno, "unixReviewTime", f"expected int, got {timestamp!r}")
   return Interaction(user=user, item=item, order=lineno, timestamp=timestamp, rating=float(rating),
                      review=_optional_text(record, "reviewText", path, lineno),
-                     summary=_optional_text(record, "summary", path, lineno))
+                     summary=_optional_text(record, "summary", path, lineno),
+                     path=str(path), line=lineno)
 
 
 def _optional_text(record: dict, key: str, path, lineno: int) -> str | None:
@@ -114,26 +114,43 @@ def _optional_text(record: dict, key: str, path, lineno: int) -> str | None:
   if value is None:
     return None
   if not isinstance(value, str):
-    raise FormatError(path, lineno, key, f"expected str, got {type(value).__name__} {value!r:.60}")
+    raise FormatError(path, lineno, key, f"expected str, got {type(value).__name__} {value!r:.60}",
+                      reason="wrong_type")
   return value.strip() or None
 
 
 def _item(record: dict, path, lineno: int, edition: int) -> Item:
-  asin = require(record, "asin", path, lineno, str)
+  asin = require_id(record, "asin", path, lineno)
   # 2014: list of category paths; 2018: one path. Both scraped from HTML, so clean_text.
-  raw = record.get("categories" if edition == 2014 else "category")
+  key = "categories" if edition == 2014 else "category"
+  raw = record.get(key)
+  if raw is not None and not isinstance(raw, (str, list, tuple)):
+    raise FormatError(path, lineno, key, f"expected a list, got {type(raw).__name__} {raw!r:.60}",
+                      reason="wrong_type")
   categories = tuple(c for c in map(clean_text, map(str, category_levels(raw))) if c)
+  description = record.get("description")
+  if isinstance(description, (list, tuple)) and not all(isinstance(d, str) for d in description):
+    raise FormatError(path, lineno, "description", f"expected text or a list of text, got {description!r:.60}",
+                      reason="wrong_type")
+  if description is not None and not isinstance(description, (str, list, tuple)):
+    raise FormatError(path, lineno, "description", f"expected text, got {type(description).__name__}",
+                      reason="wrong_type")
   return Item(item=asin,
-              title=clean_text(_plain(record.get("title"))),
-              description=clean_text(join_text(record.get("description"))),
-              brand=clean_text(_plain(record.get("brand"))),
+              title=clean_text(_plain(record, "title", path, lineno)),
+              description=clean_text(join_text(description)),
+              brand=clean_text(_plain(record, "brand", path, lineno)),
               price=parse_price(record.get("price")),
-              categories=categories)
+              categories=categories, path=str(path), line=lineno)
 
 
-def _plain(value: Any) -> str | None:
-  """Meta scalars are informational, so any non-empty scalar is kept as text."""
+def _plain(record: dict, key: str, path, lineno: int) -> str | None:
+  """A meta scalar kept as text (numbers too: some brands are numeric). A list or object
+  is refused: stored as text it would read "['Red', 'Shoe']"."""
+  value = record.get(key)
   if value is None:
     return None
+  if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+    raise FormatError(path, lineno, key, f"expected text, got {type(value).__name__} {value!r:.60}",
+                      reason="wrong_type")
   text = str(value).strip()
   return text or None

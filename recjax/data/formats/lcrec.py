@@ -20,7 +20,7 @@ import os
 from typing import Any, Iterator
 
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        category_levels, clean_text, open_text,
+                                        category_levels, clean_text, read_document,
                                         resolve_item_text)
 
 TEXT_FIELDS = ("title", "description", "brand")
@@ -48,7 +48,7 @@ def read(input, *, item_text=None, datamaps=None, bad: BadLines | None = None) -
         continue
       users += 1
       for item in items:
-        yield Interaction(user=user, item=item, order=order)
+        yield Interaction(user=user, item=item, order=order, path=f"{input} inter[{user}]")
         order += 1
       items_seen += len(items)
     notes["users"], notes["interactions"] = users, items_seen
@@ -83,14 +83,18 @@ class _Pairs(list):
 
 
 def _load(path) -> _Pairs:
-  with open_text(path) as f:
-    try:
-      document = json.load(f, object_pairs_hook=_Pairs)
-    except ValueError as e:
-      raise FormatError(path, None, None, f"cannot parse JSON document: {e}") from e
+  text = read_document(path)
+  try:
+    document = json.loads(text, object_pairs_hook=_Pairs)
+  except (ValueError, RecursionError) as e:
+    # A document cut short (an interrupted copy) ends in "Expecting ... char N" at its end.
+    line = getattr(e, "lineno", None)
+    reason = "truncated" if getattr(e, "pos", -1) >= len(text.rstrip()) else "unparsable"
+    raise FormatError(path, line, None, f"cannot parse JSON document: {e}", reason=reason) from None
   if not isinstance(document, _Pairs):
     raise FormatError(path, None, None,
-                      f"expected a JSON object at the top level, got {type(document).__name__}")
+                      f"expected a JSON object at the top level, got {type(document).__name__}",
+                      reason="wrong_type")
   return document
 
 
@@ -99,7 +103,8 @@ def _entries(path, name: str, bad: BadLines) -> Iterator[tuple[str, Any]]:
   seen: set[str] = set()
   for key, value in _load(path):
     if key in seen:
-      bad.handle(FormatError(path, None, f"{name}[{key}]", "key repeated in the document; the first is kept"))
+      bad.handle(FormatError(path, None, f"{name}[{key}]", "key repeated in the document; the first is kept",
+                             reason="duplicate_user" if name == "inter" else "duplicate_key"))
       continue
     seen.add(key)
     yield key, value
@@ -111,40 +116,45 @@ def _is_array(value: Any) -> bool:
 
 
 def _sequence(user: str, sequence: Any, path) -> list[str]:
+  if not user.strip():
+    raise FormatError(path, None, f"inter[{user}]", "empty user id", reason="empty_id")
   if not _is_array(sequence):
     raise FormatError(path, None, f"inter[{user}]",
-                      f"expected a list of item indices, got {type(sequence).__name__}")
+                      f"expected a list of item indices, got {type(sequence).__name__}", reason="wrong_type")
   if not sequence:
-    raise FormatError(path, None, f"inter[{user}]", "empty sequence")
+    raise FormatError(path, None, f"inter[{user}]", "empty sequence", reason="missing_field")
   items = []
   for position, index in enumerate(sequence):
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
       raise FormatError(path, None, f"inter[{user}][{position}]",
-                        f"expected a non-negative integer item index, got {index!r:.40}")
+                        f"expected a non-negative integer item index, got {index!r:.40}", reason="wrong_type")
     items.append(str(index))
   return items
 
 
 def _item(key: str, record: Any, path) -> Item:
   if not isinstance(record, _Pairs):
-    raise FormatError(path, None, f"item[{key}]", f"expected an object, got {type(record).__name__}")
+    raise FormatError(path, None, f"item[{key}]", f"expected an object, got {type(record).__name__}",
+                      reason="wrong_type")
   fields: dict[str, Any] = {}
   for name, value in record:
     if name in fields:
-      raise FormatError(path, None, f"item[{key}].{name}", "field repeated")
+      raise FormatError(path, None, f"item[{key}].{name}", "field repeated", reason="duplicate_key")
     fields[name] = value
   texts = {}
   for name in TEXT_FIELDS:
     value = fields.get(name)
     if value is not None and not isinstance(value, str):
-      raise FormatError(path, None, f"item[{key}].{name}", f"expected a string, got {type(value).__name__}")
+      raise FormatError(path, None, f"item[{key}].{name}", f"expected a string, got {type(value).__name__}",
+                        reason="wrong_type")
     texts[name] = clean_text(value)
   categories = fields.get("categories")
   if categories is not None and not (isinstance(categories, str) or _is_array(categories)):
     raise FormatError(path, None, f"item[{key}].categories",
-                      f"expected a string or list, got {type(categories).__name__}")
+                      f"expected a string or list, got {type(categories).__name__}", reason="wrong_type")
   levels = category_levels(categories, "comma") if categories is not None else ()
-  return Item(item=key, categories=tuple(t for t in map(clean_text, levels) if t), **texts)
+  return Item(item=key, categories=tuple(t for t in map(clean_text, levels) if t), **texts,
+              path=f"{path} item[{key}]")
 
 
 def _note_join(input, item_text, notes: dict[str, Any]) -> None:

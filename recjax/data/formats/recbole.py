@@ -19,13 +19,15 @@ conversions keep `&amp;`, `&quot;`, ...) and whitespace-collapsed; empty fields 
 from __future__ import annotations
 
 import ast
+import collections
 import csv
 import math
 import os
 from typing import Any, Iterator
 
-from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        category_levels, clean_text, open_text,
+from recjax.data.formats.common import (MAX_SHORT_TEXT, MAX_TIMESTAMP, BadLines, FormatError,
+                                        Interaction, Item, Source,
+                                        category_levels, clean_text, iter_lines,
                                         resolve_item_text)
 
 TYPES = ("token", "token_seq", "float", "float_seq")
@@ -88,15 +90,19 @@ def read_interactions(path, bad: BadLines, notes: dict[str, Any] | None = None) 
     try:
       user = _token(values, cols, "user_id", path, line)
       item = _token(values, cols, "item_id", path, line)
+      timestamp = _float(values, cols, "timestamp")
+      # (An empty timestamp is None here; prepare refuses a file that mixes both.)
+      if timestamp is not None and not 0 <= timestamp <= MAX_TIMESTAMP:
+        raise FormatError(path, line, "timestamp", f"{values[cols['timestamp']].strip()!r:.40} is outside "
+                          f"0..{MAX_TIMESTAMP}", reason="out_of_range")
     except FormatError as e:
       bad.handle(e)
       continue
-    timestamp = _float(values, cols, "timestamp")
     yield Interaction(user=user, item=item, order=order,
                       timestamp=None if timestamp is None else int(timestamp),
                       rating=_float(values, cols, "rating"),
                       review=_text(values, cols, "review"),
-                      summary=_text(values, cols, "summary"))
+                      summary=_text(values, cols, "summary"), path=str(path), line=line)
     order += 1
 
 
@@ -114,7 +120,7 @@ def read_items(path, bad: BadLines, notes: dict[str, Any] | None = None) -> Iter
                   description=_text(values, cols, "description"),
                   brand=_text(values, cols, "brand"),
                   price=_float(values, cols, "price"),
-                  categories=_categories(values, cols, path, line))
+                  categories=_categories(values, cols, path, line), path=str(path), line=line)
     except FormatError as e:
       bad.handle(e)
       continue
@@ -149,11 +155,11 @@ def parse_header(row: list[str], path) -> list[tuple[str, str]]:
       cell = cell.lstrip("\ufeff")  # a BOM left by Windows editors
     name, sep, kind = cell.partition(":")
     if not sep or not name:
-      raise FormatError(path, 1, cell or f"column {i + 1}", "header cell is not 'name:type'")
+      raise FormatError(path, 1, cell or f"column {i + 1}", "header cell is not 'name:type'", reason="unparsable")
     if kind not in TYPES:
-      raise FormatError(path, 1, name, f"unknown type {kind!r}; expected one of {TYPES}")
+      raise FormatError(path, 1, name, f"unknown type {kind!r}; expected one of {TYPES}", reason="unparsable")
     if any(name == n for n, _ in header):
-      raise FormatError(path, 1, name, "column declared twice")
+      raise FormatError(path, 1, name, "column declared twice", reason="unparsable")
     header.append((name, kind))
   return header
 
@@ -161,14 +167,16 @@ def parse_header(row: list[str], path) -> list[tuple[str, str]]:
 def check_header(path, wanted: dict[str, tuple[str, ...]], required: tuple[str, ...]) -> dict[str, int]:
   """Reads and validates the header row alone; returns {our field: column index}."""
   csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
-  with open_text(path) as f:
+  for lineno, text in iter_lines(path, BadLines()):
     try:
-      row = next(csv.reader(f, delimiter="\t", quotechar='"'), None)
+      row = next(csv.reader([text], delimiter="\t", quotechar='"'), None)
     except csv.Error as e:
-      raise FormatError(path, 1, None, f"unreadable header: {e}") from e
-  if not row:
-    raise FormatError(path, 1, None, f"{os.path.basename(os.fspath(path))} has no header row")
-  return _columns(parse_header(row, path), wanted, required, path)
+      raise FormatError(path, lineno, None, f"unreadable header: {e}", reason="unparsable") from e
+    if row:
+      return _columns(parse_header(row, path), wanted, required, path)
+    break
+  raise FormatError(path, 1, None, f"{os.path.basename(os.fspath(path))} has no header row",
+                    reason="missing_field")
 
 
 def _columns(header: list[tuple[str, str]], wanted: dict[str, tuple[str, ...]],
@@ -181,66 +189,103 @@ def _columns(header: list[tuple[str, str]], wanted: dict[str, tuple[str, ...]],
       cols[field] = index
   for field in required:
     if field not in cols:
-      raise FormatError(path, 1, field, f"required column missing from header {names}")
+      raise FormatError(path, 1, field, f"required column missing from header {names}", reason="missing_field")
   return cols
+
+
+class _Lines:
+  """The physical lines csv reads, with the ones of the current record remembered so a
+  record that ran past an unbalanced quote can be given back and read again."""
+
+  def __init__(self, path, bad: BadLines):
+    self._source = iter_lines(path, bad, keep_ends=True)
+    self._pending: collections.deque = collections.deque()
+    self.record: list[tuple[int, str]] = []
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> str:
+    item = self._pending.popleft() if self._pending else next(self._source)
+    self.record.append(item)
+    return item[1]
+
+  def give_back(self, lines) -> None:
+    self._pending.extendleft(reversed(lines))
 
 
 def _rows(path, bad: BadLines, wanted: dict[str, tuple[str, ...]], required: tuple[str, ...],
           notes: dict[str, Any] | None) -> Iterator[tuple[int, dict[str, int], list[str]]]:
   """Yields (start line, {our field: column index}, values) for each well-formed row.
 
-  Raises on a bad header (nothing after it can be read); malformed rows go to `bad`.
+  Raises on a bad header (nothing after it can be read); malformed rows go to `bad`. A
+  record spanning several physical lines is kept only when it has the right number of
+  columns and its line breaks sit inside text columns (one real Beauty title spans two
+  lines). Otherwise an unbalanced quote on its first line swallowed the lines after it:
+  that one line is bad and the rest are read again, so one stray quote costs one line.
   """
   csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
   kind = os.path.basename(os.fspath(path))
-  with open_text(path) as f:
-    reader = csv.reader(f, delimiter="\t", quotechar='"')
-    end = 0  # physical line where the previous record ended
-    header = None
-    cols: dict[str, int] = {}
-    floats: list[tuple[int, str, bool]] = []
-    while True:
-      start = end + 1
-      try:
-        row = next(reader)
-      except StopIteration:
+  lines = _Lines(path, bad)
+  reader = csv.reader(lines, delimiter="\t", quotechar='"')
+  header = None
+  cols: dict[str, int] = {}
+  floats: list[tuple[int, str, bool]] = []
+  no_breaks: set[int] = set()
+  while True:
+    lines.record = []
+    try:
+      row = next(reader)
+      error = None
+    except StopIteration:
+      if not lines.record:
         break
-      except csv.Error as e:
-        end = reader.line_num
-        error = FormatError(path, start, None, f"unreadable row: {e}")
-        if header is None:
-          raise error from e
-        bad.handle(error)
-        continue
-      end = reader.line_num
-      if header is None:
-        if not row:
-          raise FormatError(path, 1, None, f"{kind} has no header row")
-        header = parse_header(row, path)
-        cols = _columns(header, wanted, required, path)
-        floats = [(i, n, k == "float_seq") for i, (n, k) in enumerate(header) if k.startswith("float")]
-        if notes is not None:
-          used = set(cols.values())
-          notes.setdefault("ignored_columns", {})[kind] = [
-              n for i, (n, _) in enumerate(header) if i not in used]
-        continue
-      if not row:
-        continue  # blank line
-      if len(row) != len(header):
-        span = f"lines {start}-{end}" if end > start else f"line {start}"
-        bad.handle(FormatError(path, start, None,
-                               f"expected {len(header)} tab-separated columns, got {len(row)} "
-                               f"(record spans {span}; an unbalanced quote?)"))
-        continue
-      try:
-        for i, name, seq in floats:
-          _check_float(row[i], seq, path, start, name)
-      except FormatError as e:
-        bad.handle(e)
-        continue
-      yield start, cols, row
+      row, error = None, "unexpected end of file inside a quoted field"
+    except csv.Error as e:
+      row, error = None, f"unreadable row: {e}"
+    record = lines.record
+    start = record[0][0] if record else 0
+    if header is None:
+      if error or not row:
+        raise FormatError(path, start or 1, None, error or f"{kind} has no header row",
+                          reason="unparsable" if error else "missing_field")
+      header = parse_header(row, path)
+      cols = _columns(header, wanted, required, path)
+      floats = [(i, n, k == "float_seq") for i, (n, k) in enumerate(header) if k.startswith("float")]
+      no_breaks = {i for i, (n, k) in enumerate(header) if k != "token" or n in ("user_id", "item_id")}
+      if notes is not None:
+        used = set(cols.values())
+        notes.setdefault("ignored_columns", {})[kind] = [
+            n for i, (n, _) in enumerate(header) if i not in used]
+      continue
+    if row is not None and not row and len(record) <= 1:
+      continue  # blank line
+    if row is not None and len(record) > 1 and (
+        len(row) != len(header) or any("\n" in row[i] or "\r" in row[i] for i in no_breaks)):
+      error = "unbalanced quote: the record does not end on this line"
+    if error and len(record) > 1:
+      lines.give_back(record[1:])
+      bad.handle(FormatError(path, start, None, f"{error} (the record spans lines {start}-{record[-1][0]}; "
+                             f"line {start} is bad, the lines after it are read again)",
+                             reason="unbalanced_quote"))
+      continue
+    if error:
+      bad.handle(FormatError(path, start, None, error, reason="unparsable"))
+      continue
+    if len(row) != len(header):
+      bad.handle(FormatError(path, start, None,
+                             f"expected {len(header)} tab-separated columns, got {len(row)}",
+                             reason="column_count"))
+      continue
+    try:
+      for i, name, seq in floats:
+        _check_float(row[i], seq, path, start, name)
+    except FormatError as e:
+      bad.handle(e)
+      continue
+    yield start, cols, row
   if header is None:
-    raise FormatError(path, 1, None, f"{kind} is empty: no header row")
+    raise FormatError(path, 1, None, f"{kind} is empty: no header row", reason="missing_field")
 
 
 def _check_float(value: str, seq: bool, path, line: int, name: str) -> None:
@@ -250,15 +295,15 @@ def _check_float(value: str, seq: bool, path, line: int, name: str) -> None:
     try:
       number = float(part)
     except ValueError:
-      raise FormatError(path, line, name, f"expected a float, got {part!r:.60}") from None
+      raise FormatError(path, line, name, f"expected a float, got {part!r:.60}", reason="wrong_type") from None
     if math.isinf(number):
-      raise FormatError(path, line, name, f"expected a finite float, got {part!r}")
+      raise FormatError(path, line, name, f"expected a finite float, got {part!r}", reason="out_of_range")
 
 
 def _token(values: list[str], cols: dict[str, int], field: str, path, line: int) -> str:
   value = values[cols[field]].strip()
   if not value:
-    raise FormatError(path, line, field, "empty id")
+    raise FormatError(path, line, field, "empty id", reason="empty_id")
   return value
 
 
@@ -281,13 +326,17 @@ def _categories(values: list[str], cols: dict[str, int], path, line: int) -> tup
   text = values[cols["categories"]].strip()
   if not text:
     return ()
+  if len(text) > MAX_SHORT_TEXT:
+    raise FormatError(path, line, "categories", f"{len(text):,} characters (limit {MAX_SHORT_TEXT:,})",
+                      reason="oversized")
   if text[0] in "'\"[":
     try:
       parsed = ast.literal_eval(text if text.startswith("[") else f"[{text}]")
     except (ValueError, SyntaxError, MemoryError, RecursionError):
-      raise FormatError(path, line, "categories", f"unparsable quoted list {text!r:.80}") from None
+      raise FormatError(path, line, "categories", f"unparsable quoted list {text!r:.80}",
+                        reason="unparsable") from None
     if not isinstance(parsed, (list, tuple)):
-      raise FormatError(path, line, "categories", f"expected a list, got {text!r:.80}")
+      raise FormatError(path, line, "categories", f"expected a list, got {text!r:.80}", reason="wrong_type")
     levels = category_levels(list(parsed))
   else:
     levels = category_levels(text, "auto")

@@ -29,8 +29,8 @@ import os
 from typing import Any, Iterator, NoReturn
 
 from recjax.data.formats.common import (BadLines, FormatError, Interaction, Item, Source,
-                                        UserInfo, category_levels, iter_records, join_text,
-                                        parse_price)
+                                        UserInfo, category_levels, check_interaction, check_item,
+                                        iter_records, join_text, parse_price)
 
 USER_KEYS = frozenset({"reviewer_id", "purchase_history", "last_purchase", "user", "metadata"})
 ENTRY_KEYS = frozenset({"item", "review"})
@@ -60,9 +60,17 @@ def read(input, *, item_text=None, datamaps=None, bad: BadLines | None = None) -
   notes: dict[str, Any] = {}
 
   def records() -> Iterator["_Record"]:
+    first_line: dict[str, int] = {}
     for lineno, record in iter_records(input, once, parse="json"):
       try:
-        yield _parse(record, input, lineno)
+        rec = _parse(record, input, lineno)
+        # One line per user: a second line would silently merge two histories.
+        user = rec.user.user
+        if user in first_line:
+          raise FormatError(input, lineno, "reviewer_id", f"user {user} already has a line "
+                            f"(line {first_line[user]})", reason="duplicate_user")
+        first_line[user] = lineno
+        yield rec
       except FormatError as e:
         once.handle(e)
 
@@ -133,12 +141,16 @@ class _Record:
 
 def _parse(record: dict, path, lineno: int) -> _Record:
   def fail(field: str, problem: str) -> NoReturn:
-    raise FormatError(path, lineno, field, problem)
+    reason = ("missing_field" if problem == "missing" else
+              "out_of_range" if "finite" in problem else "wrong_type")
+    raise FormatError(path, lineno, field, problem, reason=reason)
 
   out = _Record()
   user = record.get("reviewer_id")
-  if user is None or user == "":
+  if user is None:
     fail("reviewer_id", "missing")
+  if isinstance(user, str) and not user.strip():
+    raise FormatError(path, lineno, "reviewer_id", "empty id", reason="empty_id")
   if not isinstance(user, (str, int)) or isinstance(user, bool):
     fail("reviewer_id", f"expected str, got {type(user).__name__} {user!r:.60}")
   user = str(user)
@@ -160,15 +172,18 @@ def _parse(record: dict, path, lineno: int) -> _Record:
     out.entry_keys.extend(f"review.{k}" for k in review if k not in REVIEW_KEYS)
 
     asin = item.get("asin")
-    if asin is None or asin == "":
+    if asin is None:
       fail(f"{where}.item.asin", "missing")
+    if isinstance(asin, str) and not asin.strip():
+      raise FormatError(path, lineno, f"{where}.item.asin", "empty id", reason="empty_id")
     if not isinstance(asin, str):
       fail(f"{where}.item.asin", f"expected str, got {type(asin).__name__} {asin!r:.60}")
     out.items.append(Item(item=asin,
                           title=_text(item, "title", f"{where}.item", fail),
-                          description=join_text(item.get("description")),
+                          description=join_text(_text_or_list(item, "description", f"{where}.item", fail)),
                           price=parse_price(item.get("price")),
-                          categories=category_levels(item.get("category"), style="dash")))
+                          categories=_category(item.get("category"), f"{where}.item.category", fail),
+                          path=str(path), line=lineno))
 
     critique = _text(entry, "critique", where, fail)
     if "critique" in entry and _placeholder(critique):
@@ -188,8 +203,12 @@ def _parse(record: dict, path, lineno: int) -> _Record:
         summary=_text(review, "summary", f"{where}.review", fail),
         critique=None if _placeholder(critique) else critique,
         endorsement=_not_placeholder(_text(entry, "endorsement", where, fail)),
-        preferences=preferences))
+        preferences=preferences, path=str(path), line=lineno))
 
+  # Values checked here, not per record downstream: a bad entry refuses its whole line
+  # (the user), as a skipped line, rather than leaving a history with a hole in it.
+  for entry_record in (*out.interactions, *out.items):
+    (check_interaction if isinstance(entry_record, Interaction) else check_item)(entry_record)
   narratives = {}
   sections = {name: _dict(record, name, "", fail, required=False)
               for name in ("last_purchase", "user")}
@@ -220,6 +239,19 @@ def _text(parent: dict, key: str, where: str, fail) -> str | None:
   if not isinstance(value, str):
     fail(f"{where}.{key}", f"expected str, got {type(value).__name__} {value!r:.60}")
   return value.strip() or None
+
+
+def _text_or_list(parent: dict, key: str, where: str, fail):
+  value = parent.get(key)
+  if isinstance(value, list) and all(isinstance(v, str) for v in value):
+    return value
+  return _text(parent, key, where, fail)
+
+
+def _category(value, field: str, fail) -> tuple[str, ...]:
+  if value is not None and not isinstance(value, (str, list)):
+    fail(field, f"expected text, got {type(value).__name__} {value!r:.60}")
+  return category_levels(value, style="dash")
 
 
 def _placeholder(text: str | None) -> bool:

@@ -18,7 +18,8 @@ import os
 from typing import Any, Iterator
 
 from recjax.data.formats import recbole
-from recjax.data.formats.common import BadLines, FormatError, Interaction, Item, Source, open_text
+from recjax.data.formats.common import (MAX_ID_CHARS, BadLines, FormatError, Interaction, Item,
+                                        Source, iter_lines, read_document)
 
 _EXAMPLES = 5  # ids listed in notes next to a count
 
@@ -52,22 +53,27 @@ def read(input, *, item_text=None, datamaps=None, bad: BadLines | None = None) -
 
   def interactions() -> Iterator[Interaction]:
     order = 0
-    with open_text(input) as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          user, items = _parse(line, input, lineno)
-          if id2user is not None:
-            user = _lookup(id2user, user, "id2user", input, lineno, datamaps)
-          if id2item is not None:
-            items = [_lookup(id2item, i, "id2item", input, lineno, datamaps) for i in items]
-        except FormatError as e:
-          bad.handle(e)
-          continue
-        for item in items:
-          yield Interaction(user=user, item=item, order=order)
-          order += 1
+    first_line: dict[str, int] = {}
+    for lineno, line in iter_lines(input, bad):
+      if not line.strip():
+        continue
+      try:
+        user, items = _parse(line, input, lineno)
+        # One line per user: a second line would silently merge two histories.
+        if user in first_line:
+          raise FormatError(input, lineno, "user_id", f"user {user} already has a line "
+                            f"(line {first_line[user]})", reason="duplicate_user")
+        first_line[user] = lineno
+        if id2user is not None:
+          user = _lookup(id2user, user, "id2user", input, lineno, datamaps)
+        if id2item is not None:
+          items = [_lookup(id2item, i, "id2item", input, lineno, datamaps) for i in items]
+      except FormatError as e:
+        bad.handle(e)
+        continue
+      for item in items:
+        yield Interaction(user=user, item=item, order=order, path=str(input), line=lineno)
+        order += 1
 
   def items() -> Iterator[Item]:
     if item_text is not None:
@@ -79,14 +85,16 @@ def read(input, *, item_text=None, datamaps=None, bad: BadLines | None = None) -
 def _parse(line: str, path, lineno: int) -> tuple[str, list[str]]:
   tokens = line.split()
   if not _is_id(tokens[0]):
-    raise FormatError(path, lineno, "user_id", f"expected a non-negative integer, got {tokens[0]!r:.40}")
+    raise FormatError(path, lineno, "user_id", f"expected a non-negative integer, got {tokens[0]!r:.40}",
+                      reason="wrong_type")
   if len(tokens) < 2:
-    raise FormatError(path, lineno, "item_id", f"user {tokens[0]} has no items")
+    raise FormatError(path, lineno, "item_id", f"user {tokens[0]} has no items", reason="missing_field")
   for position, token in enumerate(tokens[1:], 1):
     if not _is_id(token):
       raise FormatError(path, lineno, "item_id",
                         f"item {position} of user {tokens[0]}: expected a non-negative integer, "
-                        f"got {token!r:.40}")
+                        f"got {token!r:.40}", reason="wrong_type")
+  _check_lengths(tokens, path, lineno)  # the whole line, not one interaction of it
   return tokens[0], tokens[1:]
 
 
@@ -94,19 +102,28 @@ def _is_id(token: str) -> bool:
   return token.isascii() and token.isdigit()
 
 
+def _check_lengths(tokens: list[str], path, lineno: int) -> None:
+  for token in tokens:
+    if len(token) > MAX_ID_CHARS:
+      raise FormatError(path, lineno, "item_id", f"id of {len(token)} digits (limit {MAX_ID_CHARS})",
+                        reason="oversized")
+
+
 def _lookup(mapping: dict[str, str], key: str, field: str, path, lineno: int, datamaps) -> str:
   try:
     return mapping[key]
   except KeyError:
-    raise FormatError(path, lineno, field, f"id {key} has no entry in {datamaps}") from None
+    raise FormatError(path, lineno, field, f"id {key} has no entry in {datamaps}", reason="unknown_id") from None
 
 
 def _load_datamaps(path) -> dict:
-  with open_text(path) as f:
-    try:
-      maps = json.load(f)
-    except ValueError as e:
-      raise FormatError(path, None, None, f"cannot parse datamaps JSON: {e}") from e
+  try:
+    maps = json.loads(read_document(path))
+  except FormatError:
+    raise
+  except ValueError as e:
+    raise FormatError(path, getattr(e, "lineno", None), None, f"cannot parse datamaps JSON: {e}",
+                      reason="unparsable") from None
   if not isinstance(maps, dict):
     raise FormatError(path, None, None, f"expected a JSON object, got {type(maps).__name__}")
   return maps
@@ -139,18 +156,17 @@ def _note_join(input, item_text, id2item, datamaps, notes: dict[str, Any]) -> No
   users: set[str] = set()
   duplicate_users = lines = 0
   seq_items: set[str] = set()
-  with open_text(input) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        user, items = _parse(line, input, lineno)
-      except FormatError:
-        continue
-      lines += 1
-      duplicate_users += user in users
-      users.add(user)
-      seq_items.update(items)
+  for lineno, line in iter_lines(input, BadLines(skip=True, keep=0)):
+    if not line.strip():
+      continue
+    try:
+      user, items = _parse(line, input, lineno)
+    except FormatError:
+      continue
+    lines += 1
+    duplicate_users += user in users
+    users.add(user)
+    seq_items.update(items)
   notes["sequence_lines"] = lines
   notes["duplicate_user_lines"] = duplicate_users
   notes["sequence_items"] = len(seq_items)

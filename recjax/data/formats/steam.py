@@ -87,11 +87,12 @@ def read(input, *, item_text=None, datamaps=None, bad: BadLines | None = None) -
 def parse_date(value: Any, path, lineno: int, field: str = "date") -> int:
   """ISO date ("2017-12-17") or datetime -> unix seconds, naive values taken as UTC."""
   if not isinstance(value, str):
-    raise FormatError(path, lineno, field, f"expected an ISO date string, got {value!r:.60}")
+    raise FormatError(path, lineno, field, f"expected an ISO date string, got {value!r:.60}",
+                      reason="wrong_type")
   try:
     moment = datetime.datetime.fromisoformat(value.strip())
   except ValueError:
-    raise FormatError(path, lineno, field, f"not an ISO date: {value!r:.60}") from None
+    raise FormatError(path, lineno, field, f"not an ISO date: {value!r:.60}", reason="unparsable") from None
   if moment.tzinfo is not None:
     return int(moment.timestamp())
   return calendar.timegm(moment.timetuple())
@@ -100,32 +101,36 @@ def parse_date(value: Any, path, lineno: int, field: str = "date") -> int:
 def _identifier(record: dict, key: str, path, lineno: int) -> str | None:
   """Ids are strings in the dump ('725280'); integers from re-dumps are accepted too."""
   value = record.get(key)
-  if value is None or value == "":
+  if value is None:
     return None
+  if isinstance(value, str) and not value.strip():
+    raise FormatError(path, lineno, key, "empty id", reason="empty_id")
   if isinstance(value, bool) or not isinstance(value, (str, int)):
-    raise FormatError(path, lineno, key, f"expected str or int, got {type(value).__name__} {value!r:.60}")
+    raise FormatError(path, lineno, key, f"expected str or int, got {type(value).__name__} {value!r:.60}",
+                      reason="wrong_type")
   return str(value).strip() or None
 
 
 def _interaction(record: dict, path, lineno: int) -> Interaction:
   user = _identifier(record, "user_id", path, lineno) or _identifier(record, "username", path, lineno)
   if user is None:
-    raise FormatError(path, lineno, "username", "missing (and no user_id)")
+    raise FormatError(path, lineno, "username", "missing (and no user_id)", reason="missing_field")
   item = _identifier(record, "product_id", path, lineno)
   if item is None:
-    raise FormatError(path, lineno, "product_id", "missing")
+    raise FormatError(path, lineno, "product_id", "missing", reason="missing_field")
   if record.get("date") is None:
-    raise FormatError(path, lineno, "date", "missing")
+    raise FormatError(path, lineno, "date", "missing", reason="missing_field")
   timestamp = parse_date(record["date"], path, lineno)
   recommended = record.get("recommended")
   if recommended is not None and not isinstance(recommended, bool):
-    raise FormatError(path, lineno, "recommended", f"expected bool, got {recommended!r:.60}")
+    raise FormatError(path, lineno, "recommended", f"expected bool, got {recommended!r:.60}",
+                      reason="wrong_type")
   text = record.get("text")
   if text is not None and not isinstance(text, str):
-    raise FormatError(path, lineno, "text", f"expected str, got {type(text).__name__}")
+    raise FormatError(path, lineno, "text", f"expected str, got {type(text).__name__}", reason="wrong_type")
   return Interaction(user=user, item=item, order=lineno, timestamp=timestamp,
                      rating=None if recommended is None else float(recommended),
-                     review=(text or "").strip() or None)
+                     review=(text or "").strip() or None, path=str(path), line=lineno)
 
 
 def _item(record: dict, path, lineno: int) -> Item:
@@ -133,6 +138,11 @@ def _item(record: dict, path, lineno: int) -> Item:
   genres = _names(record, "genres", path, lineno)
   tags = _names(record, "tags", path, lineno)
   specs = _names(record, "specs", path, lineno)
+  for key in ("app_name", "title", "publisher", "developer", "sentiment"):
+    value = record.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+      raise FormatError(path, lineno, key, f"expected text, got {type(value).__name__} {value!r:.60}",
+                        reason="wrong_type")
   title = _text(record.get("app_name")) or _text(record.get("title"))
   parts = []
   if tags:
@@ -149,7 +159,7 @@ def _item(record: dict, path, lineno: int) -> Item:
               description=" ".join(parts) or None,
               brand=_text(record.get("publisher")) or developer,
               price=parse_price(record.get("price")),
-              categories=category_levels(genres or tags))
+              categories=category_levels(genres or tags), path=str(path), line=lineno)
 
 
 def _names(record: dict, key: str, path, lineno: int) -> list[str]:
@@ -157,8 +167,11 @@ def _names(record: dict, key: str, path, lineno: int) -> list[str]:
   if value is None:
     return []
   if not isinstance(value, (list, tuple)):
-    raise FormatError(path, lineno, key, f"expected a list, got {type(value).__name__} {value!r:.60}")
-  return [s for s in (str(v).strip() for v in value) if s]
+    raise FormatError(path, lineno, key, f"expected a list, got {type(value).__name__} {value!r:.60}",
+                      reason="wrong_type")
+  if not all(isinstance(v, str) for v in value):
+    raise FormatError(path, lineno, key, f"expected a list of text, got {value!r:.60}", reason="wrong_type")
+  return [s for s in (v.strip() for v in value) if s]
 
 
 def _text(value: Any) -> str | None:
