@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
   q.set_defaults(func=cmd_bench_report)
   q = sub.add_parser("tiger", help="train TIGER on semantic IDs, evaluate with constrained beam search",
                      description="TIGER (recjax/models/tiger.py) on a prepared dataset with semantic IDs "
-                     "(`recjax semantic-ids`): every training prefix is an example; the test split is "
+                     "(`recjax fit --gin_file=fits/rqvae.gin`): every training prefix is an example; the test split is "
                      "ranked by trie-constrained beam search (history not excluded), and unconstrained "
                      "decoding on a sample of users measures invalid IDs. JSON lines.")
   q.add_argument("--data", required=True, help="prepared dataset directory")
@@ -234,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--unconstrained_users", type=int, default=5000)
   q.set_defaults(func=cmd_tiger)
   q = sub.add_parser("mender", help="preference-discerning benchmark: TIGER vs Mender_Emb / Mender_Tok on five axes",
-                     description="Builds (once; saved under DIR/preference_benchmark/NAME.npz) the "
-                     "preference-discerning benchmark from the dataset's ground-truth preferences, trains "
+                     description="Reads the preference-discerning benchmark (the preference_benchmark artifact "
+                     "NAME, `recjax fit --gin_file=fits/preference_benchmark.gin`), trains "
                      "TIGER (no preferences), Mender_Emb and Mender_Tok (preference-conditioned; *_extras: with the "
                      "steering / sentiment training data) and reports recommendation, fine / coarse "
                      "steering, sentiment following and history consolidation. JSON lines.")
@@ -353,6 +353,7 @@ def cmd_fit(args) -> None:
   from recjax import gin_cli  # pylint: disable=g-import-not-at-top
   from recjax.artifacts import checkpoints  # pylint: disable=g-import-not-at-top
   from recjax.data import registry  # pylint: disable=g-import-not-at-top
+  _import_tasks()  # gin parsing imports recjax.tasks (its configurables); a source checkout has `tasks`
   for spec in args.dataset:
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
@@ -374,7 +375,9 @@ def _add_dataset_arg(p: argparse.ArgumentParser) -> None:
 def _import_tasks():
   """The task registrations (`recjax.tasks`; `tasks` in a source checkout not pip-installed)."""
   try:
-    from recjax import tasks  # pylint: disable=g-import-not-at-top
+    # Not `from recjax import tasks`: that raises a plain ImportError where no installer maps
+    # tasks/ to recjax.tasks (a legacy `setup.py develop` egg-link), which the fallback needs to see.
+    import recjax.tasks as tasks  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
     if e.name != "recjax.tasks":
       raise

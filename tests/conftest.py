@@ -60,6 +60,7 @@ def with_random_ids(tmp_path):
   def copy(src) -> pathlib.Path:
     import shutil
     import numpy as np
+    from recjax.artifacts import semantic_ids
     from recjax.data.prepared import PreparedDataset
     from recjax.models import rqvae
     data = tmp_path / pathlib.Path(src).name
@@ -67,6 +68,6 @@ def with_random_ids(tmp_path):
     n = PreparedDataset(data).vocab_size
     codes = np.full((n, 4), -1, np.int32)
     codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
-    rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
+    semantic_ids.save(data, "rand", codes, [4, 4, 4, 64])
     return data
   return copy

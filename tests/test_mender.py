@@ -115,7 +115,11 @@ def test_mender_command_reports_every_axis(synthetic_prepared, with_random_ids):
   import os
   import subprocess
   import sys
+  from recjax.artifacts import manifest, preference_benchmark, text_embeddings
   data = with_random_ids(synthetic_prepared["synthetic_regen"])
+  if "minilm" not in manifest.find(data, "text_embeddings"):  # the copied dataset may hold it already
+    text_embeddings.fit(data, "minilm")
+  preference_benchmark.fit(data, "steer", held_out_splits=("test_fine_steering", "test_coarse_steering"))
   cmd = [sys.executable, "-m", "recjax.main", "mender", "--data", str(data), "--ids", "rand", "--steps", "10",
          "--models", "tiger,mender_emb,mender_emb_extras,mender_tok", "--text_length", "16",
          "--batch_size", "32", "--d_model", "16", "--d_kv", "8", "--num_heads", "2", "--d_ff", "32",
@@ -126,7 +130,7 @@ def test_mender_command_reports_every_axis(synthetic_prepared, with_random_ids):
   rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   data_row = rows[0]
   assert data_row["held_out"] == ["test_fine_steering", "test_coarse_steering"]
-  assert (data / "preference_benchmark" / "steer.npz").is_file()
+  assert (data / "artifacts" / "preference_benchmark" / "steer" / "manifest.json").is_file()
   tests = {r["model"]: r for r in rows if r.get("event") == "test"}
   assert set(tests) == {"tiger", "mender_emb", "mender_emb_extras", "mender_tok"}
   text = next(r for r in rows if r.get("event") == "text")

@@ -216,6 +216,7 @@ def test_tiny_tiger_learns_a_deterministic_next_item_rule():
 
 def test_examples_from_a_prepared_dataset(synthetic_prepared, tmp_path):
   import shutil
+  from recjax.artifacts import semantic_ids
   from recjax.data.prepared import PreparedDataset
   data = tmp_path / "synthetic"
   shutil.copytree(synthetic_prepared["synthetic"], data)
@@ -224,8 +225,7 @@ def test_examples_from_a_prepared_dataset(synthetic_prepared, tmp_path):
   n = ds.vocab_size - 2
   codes = np.full((ds.vocab_size, 4), -1, np.int32)
   codes[2:] = rqvae.add_unique_level(rng.integers(0, 4, (n, 3)), 64)
-  rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
-  sids = rqvae.load_semantic_ids(data, "rand")
+  sids = semantic_ids.save(data, "rand", codes, [4, 4, 4, 64])
   model = tiny_model(sids, max_items=3, user_buckets=11)
   seqs = ds.sequences(["items"]).column("items").to_pylist()
   train = tiger.build_examples(data, sids, model, "train")

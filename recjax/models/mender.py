@@ -2,8 +2,8 @@
 Retrieval"): TIGER's semantic-ID decoder conditioned on user preferences in language.
 
 The encoder input is one vector per preference and one per history item, each the frozen
-sentence encoder's embedding of its text (precomputed once: `recjax.models.rqvae.
-item_embeddings` for items, `recjax.evaluation.preferences` for preference statements),
+sentence encoder's embedding of its text (precomputed once: the `text_embeddings`
+artifact for items, `recjax.evaluation.preferences` for preference statements),
 projected to d_model, plus a learned type vector (preference / item); an item also adds
 the mean of its semantic-ID token embeddings (`item_id_embeddings`), so the encoder sees
 the same collaborative tokens TIGER does. A T5 encoder runs over [preferences ; items]
@@ -314,20 +314,16 @@ def evaluate_axes(model, net, bench, item_tokens, tables, *, frozen=None, num_be
 
 
 def load_or_build_benchmark(data_dir, name: str = "ground_truth", held_out: tuple[str, ...] | None = None):
-  """The saved benchmark `name`, built from the dataset's ground-truth preferences (and
-  saved) when missing. `held_out`: the test splits whose (preference, target) pairs no
-  train split may contain (default: all); a saved benchmark must have been built alike."""
-  from recjax.evaluation import preferences as prefs_lib
-  held_out = tuple(held_out or prefs_lib.TEST_SPLITS)
-  try:
-    bench = prefs_lib.load_benchmark(data_dir, name)
-  except FileNotFoundError:
-    bench = prefs_lib.build_benchmark(data_dir, held_out_splits=held_out)
-    prefs_lib.save_benchmark(bench, data_dir, name)
-    return bench
+  """The preference_benchmark artifact `name` (built by `recjax fit
+  --gin_file=fits/preference_benchmark.gin`; missing or stale: one sentence naming it).
+  `held_out`: the test splits whose (preference, target) pairs no train split may contain
+  (default: all); the artifact must have been built alike."""
+  from recjax.artifacts import preference_benchmark
+  held_out = tuple(held_out or preference_benchmark.TEST_SPLITS)
+  bench = preference_benchmark.load(data_dir, name)
   if tuple(bench.stats.get("held_out_splits", ())) != held_out:
-    raise ValueError(f"the saved benchmark {name!r} holds out {bench.stats.get('held_out_splits')}, not "
-                     f"{list(held_out)}: pass another --benchmark name to build that variant")
+    raise ValueError(f"the preference_benchmark artifact {name!r} holds out {bench.stats.get('held_out_splits')}, "
+                     f"not {list(held_out)}: fit another one (--gin.NAME=...) with those held_out_splits")
   return bench
 
 
@@ -346,7 +342,7 @@ def run(data_dir, *, ids: str = "rqvae", benchmark: str = "ground_truth", held_o
   and cached under `text_cache_dir` (default DATA/text_cache)."""
   from recjax.evaluation import preferences as prefs_lib
   from recjax.models import beam_search as bs
-  from recjax.models import rqvae
+  from recjax.artifacts import semantic_ids
   unknown = sorted(set(models) - set(MODELS))
   if unknown:
     raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
@@ -357,7 +353,7 @@ def run(data_dir, *, ids: str = "rqvae", benchmark: str = "ground_truth", held_o
     print(json.dumps(row), flush=True)
 
   t0 = time.perf_counter()
-  sids = rqvae.load_semantic_ids(data_dir, ids)
+  sids = semantic_ids.load(data_dir, ids)
   bench = load_or_build_benchmark(data_dir, benchmark, held_out)
   tables = bs.trie_tables_of(sids)
   item_tokens = sids.tokens

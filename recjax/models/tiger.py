@@ -396,8 +396,8 @@ def run(data_dir, *, ids: str = "rqvae", steps: int = 1000, batch_size: int = 12
     rows.append(row)
     print(json.dumps(row), flush=True)
 
-  from recjax.models import rqvae
-  sids = rqvae.load_semantic_ids(data_dir, ids)
+  from recjax.artifacts import semantic_ids
+  sids = semantic_ids.load(data_dir, ids)
   model = Tiger(vocab_size=sids.vocab_size, **sizes)
   train, test = build_examples(data_dir, sids, model, "train"), build_examples(data_dir, sids, model, "test")
   tables = bs.trie_tables_of(sids)
