@@ -160,6 +160,7 @@ def rqvae_loss(out: dict, x, beta: float):
 # -- k-means ---------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("k", "iters"))  # one compilation per shape, shared by fits
 def kmeans(x, k: int, *, key, iters: int = 10):
   """Lloyd's algorithm with k-means++ seeding, in JAX: (centroids [k, D], assignment [N]).
 
@@ -240,28 +241,11 @@ def _restart_dead_codes(codebooks, usage, residuals, key, due):
   return codebooks, jnp.where(due, 0, usage), jnp.sum(dead)
 
 
-def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, log: Callable[[str], None] | None = None,
-                checkpoint_every: int = 0, restore: Callable | None = None,
-                save: Callable | None = None) -> RQVAEResult:
-  """Trains an RQ-VAE on the rows of x [N, D] (already standardized); deterministic
-  given cfg.seed. Returns the model, every row's codes and the metrics of `evaluate`.
-
-  Resumable without knowing about files: the whole training state is one pytree
-  (params, optimizer state, code usage, restart count, step). `restore(template)` may
-  return (state, history) saved earlier; `save(step, state, history)` is called every
-  `checkpoint_every` steps (0 = never; chunks end on those steps). Every batch, dropout
-  mask and dead-code restart is a function of (seed, step), so a resumed run ends with the
-  same parameters as an uninterrupted one.
-  """
-  x = np.asarray(x, np.float32)
-  if x.ndim != 2 or x.shape[1] != cfg.input_dim:
-    raise ValueError(f"expected embeddings [N, {cfg.input_dim}], got {x.shape}")
-  n = x.shape[0]
-  batch_size = min(cfg.batch_size, n)
-  key_params, key_init, key_data, key_dropout, key_dead = jax.random.split(jax.random.key(cfg.seed), 5)
-  model = RQVAE(cfg, rngs=nnx.Rngs(params=key_params))
-  data = jnp.asarray(x)
-  graphdef, params = nnx.split(model)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "batch_size", "length"), donate_argnums=0)
+def _run_chunk(carry, data, keys, *, graphdef, cfg: RQVAEConfig, n: int, batch_size: int, length: int):
+  """`length` training steps in one call (lax.scan: no host work between steps). Module
+  level, with the configuration static, so fits of one shape share the compilation."""
+  key_data, key_dropout, key_dead = keys
   tx = _optimizer(cfg)
 
   def step_fn(carry, _):
@@ -287,10 +271,35 @@ def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, log: Callable[[str], None] |
       params, restarted = nnx.state(net), restarted + count
     return (params, opt_state, usage, restarted, step + 1), metrics
 
-  @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
-  def run_chunk(carry, length: int):  # `length` steps in one call: no host work between steps
-    carry, metrics = jax.lax.scan(step_fn, carry, None, length=length)
-    return carry, jax.tree.map(jnp.mean, metrics)
+  carry, metrics = jax.lax.scan(step_fn, carry, None, length=length)
+  return carry, jax.tree.map(jnp.mean, metrics)
+
+
+def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, log: Callable[[str], None] | None = None,
+                checkpoint_every: int = 0, restore: Callable | None = None,
+                save: Callable | None = None) -> RQVAEResult:
+  """Trains an RQ-VAE on the rows of x [N, D] (already standardized); deterministic
+  given cfg.seed. Returns the model, every row's codes and the metrics of `evaluate`.
+
+  Resumable without knowing about files: the whole training state is one pytree
+  (params, optimizer state, code usage, restart count, step). `restore(template)` may
+  return (state, history) saved earlier; `save(step, state, history)` is called every
+  `checkpoint_every` steps (0 = never; chunks end on those steps). Every batch, dropout
+  mask and dead-code restart is a function of (seed, step), so a resumed run ends with the
+  same parameters as an uninterrupted one.
+  """
+  x = np.asarray(x, np.float32)
+  if x.ndim != 2 or x.shape[1] != cfg.input_dim:
+    raise ValueError(f"expected embeddings [N, {cfg.input_dim}], got {x.shape}")
+  n = x.shape[0]
+  batch_size = min(cfg.batch_size, n)
+  key_params, key_init, key_data, key_dropout, key_dead = jax.random.split(jax.random.key(cfg.seed), 5)
+  model = RQVAE(cfg, rngs=nnx.Rngs(params=key_params))
+  data = jnp.asarray(x)
+  graphdef, params = nnx.split(model)
+  tx = _optimizer(cfg)
+  keys = (key_data, key_dropout, key_dead)
+  run_chunk = functools.partial(_run_chunk, graphdef=graphdef, cfg=cfg, n=n, batch_size=batch_size)
 
   def initial():
     return (params, tx.init(params), jnp.zeros((cfg.num_levels, cfg.codebook_size), jnp.int32),
@@ -311,7 +320,7 @@ def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, log: Callable[[str], None] |
     length = min(cfg.log_every, cfg.steps - done)
     if checkpoint_every:
       length = min(length, checkpoint_every - done % checkpoint_every)
-    carry, metrics = run_chunk(carry, length)
+    carry, metrics = run_chunk(carry, data, keys, length=length)
     done += length
     row = {"step": done, **{k: round(float(v), 5) for k, v in metrics.items()}}
     history.append(row)
@@ -329,17 +338,19 @@ def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, log: Callable[[str], None] |
   return RQVAEResult(model=model, codes=codes, metrics=metrics, history=history)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _evaluate_chunk(state, xb, *, graphdef):
+  out = nnx.merge(graphdef, state)(xb)
+  return (out["codes"], jnp.sum(jnp.square(out["x_hat"] - xb), -1),
+          jnp.sum(jnp.square(out["z"] - out["q"]), -1), jnp.sum(jnp.square(out["z"]), -1))
+
+
 def evaluate(model: RQVAE, x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, dict]:
   """(codes [N, L], metrics) of every row without dropout: reconstruction MSE through
   the quantised path (per element, in standardized units), the latent's quantisation
   error relative to its energy, and the code metrics of `code_metrics`."""
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, xb):
-    out = nnx.merge(graphdef, state)(xb)
-    return (out["codes"], jnp.sum(jnp.square(out["x_hat"] - xb), -1),
-            jnp.sum(jnp.square(out["z"] - out["q"]), -1), jnp.sum(jnp.square(out["z"]), -1))
+  run = functools.partial(_evaluate_chunk, graphdef=graphdef)
 
   x = np.asarray(x, np.float32)
   n, rows = len(x), min(chunk, len(x))
