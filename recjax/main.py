@@ -375,9 +375,7 @@ def _add_dataset_arg(p: argparse.ArgumentParser) -> None:
 def _import_tasks():
   """The task registrations (`recjax.tasks`; `tasks` in a source checkout not pip-installed)."""
   try:
-    # Not `from recjax import tasks`: that raises a plain ImportError where no installer maps
-    # tasks/ to recjax.tasks (a legacy `setup.py develop` egg-link), which the fallback needs to see.
-    import recjax.tasks as tasks  # pylint: disable=g-import-not-at-top
+    from recjax import tasks  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
     if e.name != "recjax.tasks":
       raise

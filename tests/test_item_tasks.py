@@ -22,7 +22,7 @@ FAMILY_SUFFIXES = ["items", "critique_precise", "critique_broad", "critique_none
 
 def import_tasks():
   try:
-    import recjax.tasks as tasks  # pylint: disable=g-import-not-at-top  (see recjax.main._import_tasks)
+    from recjax import tasks  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
     if e.name != "recjax.tasks":
       raise
