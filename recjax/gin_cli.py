@@ -122,7 +122,8 @@ def run_entrypoint(command: str, args, gin_bindings: list[str]):
   if command == "evaluate" and getattr(args, "exported", None):
     kwargs["exported_dir"] = args.exported
   if command == "fit":  # the dataset to fit on, and the gin files the manifest records
-    kwargs.update(cli_datasets=tuple(getattr(args, "dataset", ())), gin_files=tuple(args.gin_file))
+    kwargs.update(cli_datasets=tuple(getattr(args, "dataset", ())), gin_files=tuple(args.gin_file),
+                  cli_bindings=tuple(gin_bindings))
   try:
     result = fn(**kwargs)
   except ValueError as e:

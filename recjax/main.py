@@ -362,7 +362,7 @@ def cmd_fit(args) -> None:
   try:
     result = gin_cli.run_entrypoint("fit", args, args.gin_bindings)
   except checkpoints.FitInterrupted as e:
-    print(json.dumps({"stopped_at": e.step, "message": str(e)}), flush=True)
+    print(json.dumps({"stopped_at": e.step, "message": str(e).splitlines()[0]}), flush=True)
     return
   print(json.dumps(result, default=str), flush=True)
 

@@ -179,6 +179,10 @@ def test_fit_command_end_to_end(data, capsys):
   meta = manifest.read(data / "artifacts" / "semantic_ids" / "rqvae")
   assert meta["gin_file"] == "fits/rqvae.gin" and meta["fit"] == "recjax.artifacts.semantic_ids.fit"
   assert "RQVAEConfig.steps = 20" in meta["gin_config"] and meta["inputs"]["text_embeddings"]["name"] == "rand16"
+  # The rebuild command repeats the overrides; a stale artifact's error names it.
+  typed = [f"'{a}'" if "(" in a else a.replace("'rand16'", "rand16") for a in tiny]  # as a shell reads it
+  assert meta["command"] == f"recjax fit --gin_file=fits/rqvae.gin --dataset syn={data} " + " ".join(typed)
+  assert meta["gin_bindings"][0] == "rqvae.RQVAEConfig.steps = 20"
   # Stopped part-way by a gin binding, then resumed by the same command.
   code, out, err = fit_cli(capsys, "--gin_file=fits/rqvae.gin", "--dataset", ds, *tiny, "--gin.NAME=r2",
                            "--gin.semantic_ids.fit.checkpoint_every=10", "--gin.fit.fit.stop_after_steps=10")
@@ -191,6 +195,12 @@ def test_fit_command_end_to_end(data, capsys):
   assert code == 2 and "needs exactly one dataset: pass --dataset NAME=DIR" in err
   code, _, err = fit_cli(capsys, "--gin_file=fits/wals.gin", "--dataset", ds, "--dataset", f"other={data}")
   assert code == 2 and "--gin.DATASET=NAME" in err
+  # The dataset changes under the artifact: refused, naming the command that rebuilds it as it was built.
+  (data / "manifest.json").write_text(json.dumps({**json.loads((data / "manifest.json").read_text()),
+                                                  "content_hash": "sha256:changed"}))
+  with pytest.raises(manifest.StaleArtifactError) as e:
+    semantic_ids.load(data, "rqvae")
+  assert str(e.value).endswith(f"now has sha256:changed; rebuild it with `{meta['command']}`")
 
 
 def test_tasks_refuse_a_stale_preference_benchmark(synthetic_prepared, tmp_path, synthetic_raw):

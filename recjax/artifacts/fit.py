@@ -36,8 +36,10 @@ def resolve_dataset(dataset: str | None, cli_datasets=()) -> pathlib.Path:
 
 
 def fit(fitter: Callable, dataset: str | None = None, stop_after_steps: int | None = None,
-        cli_datasets=(), gin_files=()) -> dict:
-  """Runs `fitter(data_dir, ...)` on the dataset; returns its summary (printed as JSON)."""
+        cli_datasets=(), gin_files=(), cli_bindings=()) -> dict:
+  """Runs `fitter(data_dir, ...)` on the dataset; returns its summary (printed as JSON).
+  cli_datasets, gin_files, cli_bindings: what the command line gave (the manifest records them)."""
+  from recjax.artifacts import manifest
   data_dir = resolve_dataset(dataset, cli_datasets)
   kwargs = {"gin_file": ",".join(gin_files) or None}
   if stop_after_steps is not None:
@@ -45,4 +47,8 @@ def fit(fitter: Callable, dataset: str | None = None, stop_after_steps: int | No
     if "stop_after_steps" not in params:
       raise FitUsageError(f"{getattr(fitter, '__name__', fitter)} cannot stop part-way (no stop_after_steps)")
     kwargs["stop_after_steps"] = stop_after_steps
-  return fitter(data_dir, **kwargs)
+  token = manifest.CLI_BINDINGS.set(tuple(cli_bindings))
+  try:
+    return fitter(data_dir, **kwargs)
+  finally:
+    manifest.CLI_BINDINGS.reset(token)

@@ -18,12 +18,14 @@ This module imports no JAX (tasks read artifacts at registration).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import hashlib
 import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 from typing import Any, Iterator
 
@@ -38,6 +40,10 @@ FITS = {
     "preference_benchmark": ("fits/preference_benchmark.gin", "ground_truth"),
 }
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# The --gin.K=V overrides of the running `recjax fit` (set by recjax.artifacts.fit): recorded
+# in the manifest, and repeated in the rebuild command a stale artifact's error names.
+CLI_BINDINGS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("cli_bindings", default=())
+_NOT_REPEATED = ("NAME", "DATASET", "fit.fit.stop_after_steps")  # named separately, or one-off
 
 
 class MissingArtifactError(FileNotFoundError):
@@ -78,11 +84,26 @@ def dataset_label(data_dir) -> str:
   return label if re.fullmatch(r"[a-z][a-z0-9_]*", label) else "data"
 
 
-def fit_command(data_dir, kind: str, name: str, gin_file: str | None = None) -> str:
-  """The command that (re)builds artifact kind/name of data_dir."""
+def fit_command(data_dir, kind: str, name: str, gin_file: str | None = None, bindings=()) -> str:
+  """The command that (re)builds artifact kind/name of data_dir: its gin file(s) (comma-
+  separated), the dataset, and the `K = V` gin bindings it was built with."""
   default_file, default_name = FITS[kind]
-  cmd = f"recjax fit --gin_file={gin_file or default_file} --dataset {dataset_label(data_dir)}={data_dir}"
-  return cmd if name == default_name else f"{cmd} --gin.NAME={name}"
+  args = [f"--gin_file={f}" for f in (gin_file or default_file).split(",")]
+  args += ["--dataset", f"{dataset_label(data_dir)}={data_dir}"]
+  args += [] if name == default_name else [f"--gin.NAME={name}"]
+  for binding in bindings:
+    key, _, value = (part.strip() for part in binding.partition("="))
+    if key not in _NOT_REPEATED:
+      args.append(f"--gin.{key}={_bare(value)}")
+  return " ".join(["recjax", "fit", *(shlex.quote(a) for a in args)])
+
+
+def _bare(value: str) -> str:
+  """'rand16' -> rand16: `--gin.K=V` quotes bare words again (recjax.gin_cli), so the command
+  reads as typed; anything else stays as it is."""
+  if re.fullmatch(r"'[A-Za-z_][A-Za-z0-9_./-]*'", value) and value[1:-1] not in ("True", "False", "None"):
+    return value[1:-1]
+  return value
 
 
 def sha256_file(path: pathlib.Path) -> str:
@@ -113,7 +134,8 @@ def require(data_dir, kind: str, name: str) -> pathlib.Path:
   if built != current:
     raise StaleArtifactError(
         f"{kind} artifact {name!r} at {path} was built from dataset content {built} but {data_dir} now has "
-        f"{current}; rebuild it with `{fit_command(data_dir, kind, name, meta.get('gin_file'))}`")
+        f"{current}; rebuild it with "
+        f"`{fit_command(data_dir, kind, name, meta.get('gin_file'), meta.get('gin_bindings', ()))}`")
   return path
 
 
@@ -135,6 +157,7 @@ class Build:
     self.content_hash = dataset_hash(data_dir)
     self.manifest: dict[str, Any] = {"config": config or {}}
     self.fit, self.gin_file = fit, gin_file
+    self.bindings = list(CLI_BINDINGS.get()) if gin_file else []
     self.checkpoint_dir = self.dir / "checkpoints"
     self._claim(config or {})
 
@@ -159,13 +182,12 @@ class Build:
     (self.dir / "build.json").unlink(missing_ok=True)
     files = sorted(p for p in self.dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     gin_config = None
-    try:
+    if self.gin_file:  # run through `recjax fit`: gin holds this fit's operative config
       import gin
       gin_config = gin.operative_config_str() or None
-    except ImportError:
-      pass
     meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "name": self.name, "fit": self.fit,
-            "gin_file": self.gin_file, "command": fit_command(self.data_dir, self.kind, self.name, self.gin_file),
+            "gin_file": self.gin_file, "gin_bindings": self.bindings,
+            "command": fit_command(self.data_dir, self.kind, self.name, self.gin_file, self.bindings),
             "dataset": {"dir": str(self.data_dir), "content_hash": self.content_hash},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **self.manifest, "gin_config": gin_config,
