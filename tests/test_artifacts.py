@@ -229,3 +229,17 @@ def test_tasks_refuse_a_stale_preference_benchmark(synthetic_prepared, tmp_path,
       task.get_dataset(None, split="train", shuffle=False)
   finally:
     tasks.unregister_dataset_tasks("stale_regen")
+
+
+def test_the_fitting_math_imports_no_data_io_or_training_stage():
+  """models/rqvae.py and models/wals.py hold networks, losses and fitting math only: reading
+  datasets, files and drivers live in recjax/artifacts (the import-linter contract's subset)."""
+  import ast
+  root = pathlib.Path(__file__).resolve().parents[1] / "recjax" / "models"
+  for name in ("rqvae.py", "wals.py"):
+    tree = ast.parse((root / name).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    recjax = sorted(m for m in imported if m.split(".")[0] in ("recjax", "tasks"))
+    assert recjax == [], (name, recjax)
+    assert not {"os", "pathlib", "json"} & imported, (name, imported)  # no file I/O either
