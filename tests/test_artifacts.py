@@ -121,6 +121,9 @@ def test_rqvae_fit_resumes_to_the_uninterrupted_result(data):
   parts = semantic_ids.fit(data, "parts", log=logs.append, **kw)
   assert logs[0] == "rqvae: resuming at step 20/60" and not any("step 10/" in line for line in logs)
   np.testing.assert_array_equal(semantic_ids.load(data, "parts").codes, semantic_ids.load(data, "whole").codes)
+  import recjax.artifacts
+  np.testing.assert_array_equal(recjax.artifacts.load(data, "semantic_ids", "parts").tokens,
+                                semantic_ids.load(data, "whole").tokens)
   for key in ("reconstruction_mse", "latent_quantization_error", "codebook_usage", "dead_codes_restarted"):
     assert parts[key] == whole[key], key
   hist = lambda name: semantic_ids.load(data, name).metadata["history"]
