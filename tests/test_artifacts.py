@@ -50,7 +50,8 @@ def test_manifest_records_the_build_and_is_written_last(data):
     assert not (manifest.artifact_dir(data, "wals", "w")).exists()  # nothing visible before the commit
   path = manifest.require(data, "wals", "w")
   assert path == data / "artifacts" / "wals" / "w"
-  assert sorted(p.name for p in path.parent.iterdir()) == ["w"]  # the build dir was renamed, not copied
+  # The build dir was renamed, not copied; only the (empty) lock file stays beside it.
+  assert sorted(p.name for p in path.parent.iterdir()) == [".lock-w", "w"]
   meta = manifest.read(path)
   assert meta["kind"] == "wals" and meta["name"] == "w" and meta["fit"] == "tests.fit"
   assert meta["dataset"]["content_hash"] == PreparedDataset(data).content_hash
@@ -68,8 +69,14 @@ def test_manifest_records_the_build_and_is_written_last(data):
       raise RuntimeError("interrupted")
   assert manifest.read(path)["config"] == {"dim": 3} and (b.dir / "a.npy").is_file()
   # The same inputs again resume in that dir; other inputs start afresh.
-  assert (manifest.Build(data, "wals", "w", "tests.fit", {"dim": 4}, None).dir / "a.npy").is_file()
-  assert not (manifest.Build(data, "wals", "w", "tests.fit", {"dim": 5}, None).dir / "a.npy").exists()
+  again = manifest.Build(data, "wals", "w", "tests.fit", {"dim": 4}, None)
+  assert (again.dir / "a.npy").is_file()
+  with pytest.raises(RuntimeError, match="another process is building the wals artifact 'w'"):
+    manifest.Build(data, "wals", "w", "tests.fit", {"dim": 4}, None)  # one build at a time
+  again.release()
+  other = manifest.Build(data, "wals", "w", "tests.fit", {"dim": 5}, None)
+  assert not (other.dir / "a.npy").exists()
+  other.release()
   with pytest.raises(ValueError, match="must be letters"):
     manifest.artifact_dir(data, "wals", "../x")
 

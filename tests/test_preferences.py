@@ -285,7 +285,7 @@ def test_save_load_round_trip(bench, regen_dir, tmp_path):
   shutil.copytree(regen_dir, data_dir)
   path = preference_benchmark.save(bench, data_dir, name="gt")
   assert path == data_dir / "artifacts" / "preference_benchmark" / "gt" and (path / "benchmark.npz").is_file()
-  assert sorted(p.name for p in path.parent.iterdir()) == ["gt"]  # no build dir left behind
+  assert sorted(p.name for p in path.parent.iterdir()) == [".lock-gt", "gt"]  # no build dir left behind
   loaded = preference_benchmark.load(data_dir, name="gt")
   assert loaded.preferences == bench.preferences and loaded.stats == json.loads(json.dumps(bench.stats))
   np.testing.assert_array_equal(loaded.pref_embeddings, bench.pref_embeddings)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -159,7 +160,23 @@ class Build:
     self.fit, self.gin_file = fit, gin_file
     self.bindings = list(CLI_BINDINGS.get()) if gin_file else []
     self.checkpoint_dir = self.dir / "checkpoints"
+    self._lock()
     self._claim(config or {})
+
+  def _lock(self) -> None:
+    """One fit per artifact at a time: an OS lock (released when the process dies, so an
+    interrupted fit never blocks its own resume) on a hidden file beside the build dir."""
+    self.dir.parent.mkdir(parents=True, exist_ok=True)
+    self._lock_file = open(self.dir.parent / f".lock-{self.name}", "w")  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._lock_file.close()
+      raise RuntimeError(f"another process is building the {self.kind} artifact {self.name!r} of "
+                         f"{self.data_dir} right now; wait for it to finish") from None
+
+  def release(self) -> None:
+    self._lock_file.close()  # closing drops the flock
 
   def _claim(self, config: dict) -> None:
     """Keeps a build dir left by an interrupted fit of the same inputs (to resume from its
@@ -211,8 +228,11 @@ def build(data_dir, kind: str, name: str, *, fit: str, config: dict | None = Non
   """Builds artifact kind/name of data_dir; committed when the block ends without an error.
   An error leaves the build dir (and its checkpoints) for the next attempt to resume."""
   b = Build(data_dir, kind, name, fit, config, gin_file)
-  yield b
-  b.commit()
+  try:
+    yield b
+    b.commit()
+  finally:
+    b.release()
 
 
 def verify(path) -> None:
