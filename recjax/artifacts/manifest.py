@@ -5,7 +5,8 @@ produced it (kind, name, the fit entrypoint, its operative gin config, the comma
 rebuilds it), the content hash of the dataset it came from, when, and the sha256 of every
 file. A fit builds into the sibling <kind>/.build-<name>/ (its checkpoints live there too, so
 an interrupted fit resumes), writes the manifest last and renames the directory into place:
-a reader sees a complete artifact or none.
+a reader sees a complete artifact or none. A lock beside the build dir keeps a second fit of
+the same artifact out while one runs.
 
   with manifest.build(data_dir, "wals", "wals", fit="recjax.artifacts.wals.fit") as b:
     np.save(b.dir / "item_factors.npy", ...)
