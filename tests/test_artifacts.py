@@ -136,6 +136,12 @@ def test_rqvae_fit_resumes_to_the_uninterrupted_result(data):
   hist = lambda name: semantic_ids.load(data, name).metadata["history"]
   assert hist("parts") == hist("whole") and len(hist("whole")) == 6
   assert not manifest.build_dir(data, "semantic_ids", "parts").exists()  # checkpoints go with the build dir
+  # The trained network is kept: it gives the items their codes again from their embeddings.
+  import jax.numpy as jnp
+  model, mean, std = semantic_ids.load_rqvae(data, "whole")
+  emb, _ = recjax.artifacts.load(data, "text_embeddings", "rand16")
+  x = jnp.asarray((emb[2:] - mean) / (std + 1e-6))
+  np.testing.assert_array_equal(np.asarray(model(x)["codes"]), semantic_ids.load(data, "whole").codes[2:, :2])
 
 
 def test_wals_fit_resumes_to_the_uninterrupted_result(data):

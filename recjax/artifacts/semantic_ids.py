@@ -6,7 +6,8 @@
 
 On disk: semantic_ids.npz (codes [vocab_size, levels] with rows 0/1 = -1, tokens, metadata
 as JSON: codebook sizes, token offsets, vocab size, metrics, encoder, the RQ-VAE config and
-loss history; the embedding standardization) and the manifest. The RQ-VAE trains with orbax
+loss history; the embedding standardization), rqvae_params.npz (the trained network, so
+new items can be given codes: `load_rqvae`) and the manifest. The RQ-VAE trains with orbax
 checkpoints in the build dir, so an interrupted fit resumes where it stopped.
 """
 
@@ -71,6 +72,39 @@ def load(data_dir, name: str = "rqvae") -> SemanticIds:
   return SemanticIds(codes=codes, metadata=metadata)
 
 
+PARAMS_FILE = "rqvae_params.npz"
+
+
+def _path_key(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _save_params(model: rqvae.RQVAE, path) -> None:
+  import jax
+  from flax import nnx
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+  np.savez(path, **{_path_key(p): np.asarray(v) for p, v in flat})
+
+
+def load_rqvae(data_dir, name: str = "rqvae") -> tuple[rqvae.RQVAE, np.ndarray, np.ndarray]:
+  """(the trained RQ-VAE, embedding mean, std) of a fitted artifact: codes for a new item's
+  embedding e are `model((e - mean) / (std + 1e-6))["codes"]` (before the unique level)."""
+  import jax
+  from flax import nnx
+  path = manifest.require(data_dir, KIND, name)
+  if not (path / PARAMS_FILE).is_file():
+    raise FileNotFoundError(f"the semantic_ids artifact {name!r} holds no RQ-VAE (given codes, not fitted)")
+  with np.load(path / FILE) as f:
+    meta, mean, std = json.loads(str(f["metadata"])), f["embedding_mean"], f["embedding_std"]
+  cfg = meta["config"]
+  model = rqvae.RQVAE(rqvae.RQVAEConfig(**{**cfg, "hidden_dims": tuple(cfg["hidden_dims"])}), rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  with np.load(path / PARAMS_FILE) as f:
+    state = jax.tree_util.tree_map_with_path(lambda p, v: f[_path_key(p)], state)
+  nnx.update(model, state)
+  return model, mean, std
+
+
 def fit(data_dir, name: str = "rqvae", *, embeddings: str = "minilm",
         config: rqvae.RQVAEConfig = rqvae.RQVAEConfig(), unique_codes: int | None = None,
         checkpoint_every: int = 500, stop_after_steps: int | None = None, gin_file: str | None = None,
@@ -120,6 +154,7 @@ def fit(data_dir, name: str = "rqvae", *, embeddings: str = "minilm",
         "encoder_fingerprint": emb_meta["encoder_fingerprint"], "config": dataclasses.asdict(config),
         "history": result.history})
     _write(b.dir, codes, meta, {"embedding_mean": mean, "embedding_std": std})
+    _save_params(result.model, b.dir / PARAMS_FILE)
     b.manifest.update(metrics=metrics, inputs={"text_embeddings": {"name": embeddings,
                                                                    "created": emb_meta["created"]}})
   if log:
@@ -127,4 +162,4 @@ def fit(data_dir, name: str = "rqvae", *, embeddings: str = "minilm",
   return {**metrics, "artifact": str(manifest.artifact_dir(data_dir, KIND, name))}
 
 
-__all__ = ["SemanticIds", "fit", "load", "save"]
+__all__ = ["SemanticIds", "fit", "load", "load_rqvae", "save"]
