@@ -1,4 +1,4 @@
-"""gin-configured entrypoints: `recjax train | evaluate | infer | export`.
+"""gin-configured entrypoints: `recjax train | evaluate | infer | critique | export | fit`.
 
 As in t5x: `--gin_file` (repeatable) names gin files, `--gin.NAME=VALUE` overrides one
 binding (`--gin.TRAIN_STEPS=100`, `--gin.MODEL_DIR="'runs/x'"`; bare strings that are not
@@ -31,6 +31,9 @@ ENTRYPOINTS = {
     "export": ("recjax.export", "export",
                "self-contained export: params, config, vocab, serialized scoring or constrained "
                "generation (gin/runs/export.gin)"),
+    "fit": ("recjax.artifacts.fit", "fit",
+            "build a derived artifact of a prepared dataset: semantic IDs, text embeddings, WALS "
+            "vectors, the preference benchmark (gin/fits/*.gin)"),
 }
 
 
@@ -270,6 +273,9 @@ def run_entrypoint(command: str, args, gin_bindings: list[str]):
   kwargs = {}
   if command == "evaluate" and getattr(args, "exported", None):
     kwargs["exported_dir"] = args.exported
+  if command == "fit":  # the dataset to fit on, and the gin files the manifest records
+    kwargs.update(cli_datasets=tuple(getattr(args, "dataset", ())), gin_files=tuple(args.gin_file),
+                  cli_bindings=tuple(gin_bindings))
   try:
     result = fn(**kwargs)
   except ValueError as e:

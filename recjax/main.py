@@ -9,8 +9,8 @@
   recjax infer     top-k recommendations per user as JSON lines
   recjax export    a self-contained directory: params, config, vocab, serialized scoring
   recjax bench     measure parts of the system (`bench pipeline`: the input pipeline)
-  recjax semantic-ids  RQ-VAE semantic IDs of a prepared dataset's items (TIGER / Mender)
-  recjax wals          WALS collaborative item vectors of a prepared dataset
+  recjax fit       build a derived artifact of a prepared dataset (gin/fits/: semantic IDs,
+                   item text embeddings, WALS vectors, the preference benchmark)
 
 Errors in the input (a malformed line, a missing file, a bad option) print one sentence
 naming the file/line/field or the option at fault and exit with status 2.
@@ -220,8 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--results", default="runs/bench/results")
   q.add_argument("--doc", default="docs/performance.md")
   q.set_defaults(func=cmd_bench_report)
-  _add_semantic_ids_parser(sub)
-  _add_wals_parser(sub)
   q = sub.add_parser("lumen", help="REGEN: LUMEN (item + narrative in one LM), FLARE + LLM's LM, soft-prompt fusion",
                      description="Trains a Gemma-architecture LM with an item head (recjax/models/lumen.py) "
                      "on a REGEN-format dataset's ds_lumen_* tasks (with and without critiques), its "
@@ -302,8 +300,32 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_gin(args) -> None:
   from recjax import gin_cli
   gin_cli.check_files(args.gin_file, args.gin_search_paths)  # before TensorFlow / JAX load: answers at once
+  if args.gin_command == "fit":
+    cmd_fit(args)
+    return
   _load_tasks(args)
   gin_cli.run_entrypoint(args.gin_command, args, args.gin_bindings)
+
+
+def cmd_fit(args) -> None:
+  """`recjax fit`: registers the --dataset names (no tasks: a fit reads the prepared files),
+  runs the gin file's fit and prints its summary as JSON."""
+  import json  # pylint: disable=g-import-not-at-top
+  from recjax import gin_cli  # pylint: disable=g-import-not-at-top
+  from recjax.artifacts import checkpoints  # pylint: disable=g-import-not-at-top
+  from recjax.data import registry  # pylint: disable=g-import-not-at-top
+  _import_tasks()  # gin parsing imports recjax.tasks (its configurables); a source checkout has `tasks`
+  for spec in args.dataset:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+      raise UsageError(f"--dataset {spec!r}: expected NAME=DIR")
+    registry.register_dataset(name, path)
+  try:
+    result = gin_cli.run_entrypoint("fit", args, args.gin_bindings)
+  except checkpoints.FitInterrupted as e:
+    print(json.dumps({"stopped_at": e.step, "message": str(e).splitlines()[0]}), flush=True)
+    return
+  print(json.dumps(result, default=str), flush=True)
 
 
 def _add_dataset_arg(p: argparse.ArgumentParser) -> None:
@@ -587,91 +609,6 @@ def cmd_bench_pipeline(args) -> None:
   for row in bench.run(task, split=args.split, batch_size=args.batch_size, length=args.length,
                        steps=args.steps, seed=args.seed):
     print(json.dumps(row), flush=True)
-
-
-def _add_semantic_ids_parser(sub) -> None:
-  p = sub.add_parser("semantic-ids", help="RQ-VAE semantic IDs of a prepared dataset's items",
-                     description="Embeds every item's text with a frozen sentence encoder (cached), "
-                     "trains an RQ-VAE (k-means initialised residual codebooks), adds a level that "
-                     "makes every ID unique and saves DIR/semantic_ids/NAME.npz (+ NAME.json). "
-                     "Prints the metrics as JSON.")
-  p.add_argument("--data", required=True, help="prepared dataset directory")
-  p.add_argument("--name", default="rqvae", help="name of the semantic-ID set")
-  p.add_argument("--encoder", default="minilm", help="minilm or a BERT / T5 checkpoint directory")
-  p.add_argument("--steps", type=int, default=3000)
-  p.add_argument("--batch_size", type=int, default=1024)
-  p.add_argument("--levels", type=int, default=3, help="residual levels (before the unique level)")
-  p.add_argument("--codes", type=int, default=256, help="codes per residual level")
-  p.add_argument("--unique_codes", type=int, default=0, help="codes of the unique level (0 = --codes)")
-  p.add_argument("--gradient", default="ste", choices=["ste", "rotation"])
-  p.add_argument("--dead_code_every", type=int, default=20,
-                 help="restart codes unused for N steps (0 = off)")
-  p.add_argument("--seed", type=int, default=0)
-  p.set_defaults(func=cmd_semantic_ids)
-
-
-def _add_wals_parser(sub) -> None:
-  p = sub.add_parser("wals", help="WALS collaborative item / user vectors of a prepared dataset",
-                     description="Fits weighted ALS (implicit feedback, CG solves, in JAX) to every "
-                     "user's training items (all but the last two), prints full-ranking validation and "
-                     "test HR@10 / NDCG@10 next to popularity as JSON, and saves "
-                     "DIR/embeddings/NAME.npz (item_factors [vocab, dim], user_factors).")
-  p.add_argument("--data", required=True, help="prepared dataset directory")
-  p.add_argument("--name", default="wals")
-  p.add_argument("--dim", type=int, default=64)
-  p.add_argument("--sweeps", type=int, default=15)
-  p.add_argument("--cg_steps", type=int, default=3)
-  p.add_argument("--l2", type=float, default=1.0)
-  p.add_argument("--unobserved_weight", type=float, default=1.0)
-  p.add_argument("--alpha", type=float, default=10.0, help="observed confidence 1 + alpha * count")
-  p.add_argument("--seed", type=int, default=0)
-  p.set_defaults(func=cmd_wals)
-
-
-def cmd_wals(args) -> None:
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from recjax.data.prepared import PreparedDataset  # pylint: disable=g-import-not-at-top
-  from recjax.models import wals  # pylint: disable=g-import-not-at-top
-  for arg in ("dim", "sweeps", "cg_steps"):
-    if getattr(args, arg) < 1:
-      raise UsageError(f"--{arg} must be >= 1, got {getattr(args, arg)}")
-  for arg in ("l2", "unobserved_weight", "alpha"):
-    if getattr(args, arg) < 0:
-      raise UsageError(f"--{arg} must be >= 0, got {getattr(args, arg)}")
-  config = wals.WALSConfig(dim=args.dim, sweeps=args.sweeps, cg_steps=args.cg_steps, l2=args.l2,
-                           unobserved_weight=args.unobserved_weight, alpha=args.alpha, seed=args.seed)
-  start = time.time()
-  users, items, num_users, vocab = wals.train_interactions(args.data)
-  model = wals.fit(users, items, num_users=num_users, num_items=vocab, config=config)
-  fit_s = time.time() - start
-  out = pathlib.Path(args.data) / "embeddings" / f"{args.name}.npz"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  np_config = dataclasses.asdict(config)
-  np.savez(out, item_factors=model.item_factors, user_factors=model.user_factors,
-           content_hash=PreparedDataset(args.data).content_hash, config=json.dumps(np_config))
-  row = {"interactions": int(len(users)), "users": num_users, "items": vocab - 2, "fit_s": round(fit_s, 2),
-         "loss_first": model.losses[0], "loss_last": model.loss, "config": np_config}
-  for split in ("validation", "test"):
-    row[split] = wals.evaluate(model, args.data, split=split)
-  row["saved"] = str(out)
-  print(json.dumps(row), flush=True)
-
-
-def cmd_semantic_ids(args) -> None:
-  import json  # pylint: disable=g-import-not-at-top
-  from recjax.models import rqvae  # pylint: disable=g-import-not-at-top
-  for arg in ("steps", "batch_size", "levels", "codes"):
-    if getattr(args, arg) < 1:
-      raise UsageError(f"--{arg} must be >= 1, got {getattr(args, arg)}")
-  config = rqvae.RQVAEConfig(num_levels=args.levels, codebook_size=args.codes, steps=args.steps,
-                             batch_size=args.batch_size, gradient=args.gradient,
-                             dead_code_every=args.dead_code_every, seed=args.seed)
-  _, metrics = rqvae.build_semantic_ids(args.data, args.name, encoder=args.encoder, config=config,
-                                        unique_codes=args.unique_codes or None)
-  saved = rqvae.semantic_ids_dir(args.data) / f"{args.name}.npz"
-  print(json.dumps({**metrics, "saved": str(saved)}), flush=True)
 
 
 def _prepare_options(args):

@@ -50,8 +50,7 @@ _REGISTERED: dict[str, tuple[tuple, list[str]]] = {}
 
 def _artifacts_key(data_dir: pathlib.Path) -> tuple:
   """What the artifact-dependent families see: their files' names and times."""
-  files = [*data_dir.glob("artifacts/*/*/manifest.json"), *data_dir.glob("semantic_ids/*.npz"),
-           *data_dir.glob("preference_benchmark/*.npz")]
+  files = list(data_dir.glob("artifacts/*/*/manifest.json"))
   return tuple(sorted((str(p.relative_to(data_dir)), p.stat().st_mtime_ns) for p in files))
 
 

@@ -1,8 +1,8 @@
 """Family 4: the preference-discerning benchmark as SeqIO tasks, when one has been built.
 
-For a dataset DS whose directory holds preference_benchmark/NAME.npz (written by
-`recjax mender` or `recjax.evaluation.preferences.save_benchmark`), one task per axis;
-the prefix is DS_pref for NAME = "ground_truth", else DS_pref_NAME:
+For a dataset DS with preference_benchmark artifacts (DIR/artifacts/preference_benchmark/NAME/,
+built by `recjax fit --gin_file=fits/preference_benchmark.gin --dataset DS=DIR`), one task
+per axis; the prefix is DS_pref for NAME = "ground_truth", else DS_pref_NAME:
 
   DS_pref_recommendation    train "train", validation / test "valid_/test_recommendation"
   DS_pref_fine_steering     train / test "train_/test_fine_steering"
@@ -16,7 +16,8 @@ Features: "items" (the history, then the target: the item-sequence converters' l
 the benchmark's table, 0 = empty slot; the vocabulary's `table` gives the strings),
 "sign" (+1, or -1 for a negative preference whose item must not be recommended),
 "example_id" (the row within its split) and "user_id". The arrays are read when a
-dataset is built, not at registration (which reads only the statement table).
+dataset is built, not at registration (which reads only the statement table); an artifact
+whose dataset content changed since is refused then, in one sentence naming the rebuild.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from recjax.artifacts import manifest
 from recjax.data import sequence_preprocessors as sp
 from recjax.data.prepared import PreparedDataset
 from recjax.data.vocab import ItemVocabulary
 
 DESCRIPTIONS: dict[str, str] = {}
-BENCHMARK_DIR = "preference_benchmark"  # = recjax.evaluation.preferences.BENCHMARK_DIR (not imported: it loads JAX)
+KIND, FILE = "preference_benchmark", "benchmark.npz"  # = recjax.artifacts.preference_benchmark's (it loads more)
 
 # axis -> {seqio split: benchmark split(s), concatenated in order}
 AXES = {
@@ -70,9 +72,10 @@ def _arrays(path: str, mtime_ns: int, parts: tuple[str, ...]) -> dict[str, np.nd
           "sign": cols["sign"], "user_id": cols["user"]}
 
 
-def _dataset_fn(path: pathlib.Path, axis: str):
+def _dataset_fn(data_dir: pathlib.Path, bench: str, axis: str):
   def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one in-memory table per split; shuffling is the pipeline's
+    path = manifest.require(data_dir, KIND, bench) / FILE  # a stale artifact is refused here
     a = _arrays(str(path), path.stat().st_mtime_ns, AXES[axis][split])
     n = len(a["sign"])
     items = tf.RaggedTensor.from_tensor(tf.constant(a["items"], tf.int32), lengths=tf.constant(a["lengths"]))
@@ -85,8 +88,13 @@ def _dataset_fn(path: pathlib.Path, axis: str):
 
 
 def benchmarks(data_dir) -> dict[str, pathlib.Path]:
-  """{benchmark name: its file} of a prepared dataset."""
-  return {p.stem: p for p in sorted((pathlib.Path(data_dir) / BENCHMARK_DIR).glob("*.npz"))}
+  """{benchmark name: its file} of a prepared dataset's benchmark artifacts."""
+  return {b: manifest.artifact_dir(data_dir, KIND, b) / FILE for b in manifest.find(data_dir, KIND)}
+
+
+def require(data_dir, bench: str) -> pathlib.Path:
+  """The benchmark's file; a missing or stale artifact is refused in one sentence."""
+  return manifest.require(data_dir, KIND, bench) / FILE
 
 
 def task_prefix(name: str, bench: str) -> str:
@@ -120,9 +128,8 @@ def register(name: str, data_dir) -> list[str]:
   ds = PreparedDataset(data_dir)
   items = seqio.Feature(ItemVocabulary(ds.num_items), add_eos=False, dtype=tf.int32)
   added: list[str] = []
-  for path in sorted((ds.data_dir / BENCHMARK_DIR).glob("*.npz")):
-    bench = path.stem
-    meta = _meta(path)
+  for bench in manifest.find(ds.data_dir, KIND):
+    meta = _meta(manifest.artifact_dir(ds.data_dir, KIND, bench) / FILE)
     prefix = f"{name}_pref" if bench == "ground_truth" else f"{name}_pref_{bench}"
     vocab = sp.CritiqueVocabulary(table=["", *meta["preferences"]])
     features = {"items": items, "preferences": seqio.Feature(vocab, add_eos=False, dtype=tf.int32)}
@@ -130,7 +137,8 @@ def register(name: str, data_dir) -> list[str]:
     rates = []
     for axis, splits in AXES.items():
       task = f"{prefix}_{axis}"
-      seqio.TaskRegistry.add(task, source=seqio.FunctionDataSource(_dataset_fn(path, axis), splits=list(splits)),
+      source = seqio.FunctionDataSource(_dataset_fn(ds.data_dir, bench, axis), splits=list(splits))
+      seqio.TaskRegistry.add(task, source=source,
                              preprocessors=[seqio.CacheDatasetPlaceholder()], output_features=features)
       DESCRIPTIONS[task] = f"preference discerning ({bench}): {axis.replace('_', ' ')}"
       added.append(task)

@@ -37,23 +37,26 @@ def describe(name: str) -> str | None:
 
 
 class _Store:
-  """Semantic-ID artifacts of a dataset (names, metadata, load). TEMPORARY adapter."""
+  """The semantic-ID artifacts of a dataset (recjax.artifacts.semantic_ids): their names and
+  metadata at registration (no hash check: a stale artifact is refused when read), the IDs
+  when a dataset is built."""
 
   @staticmethod
-  def names(data_dir):
-    import pathlib
-    d = pathlib.Path(data_dir) / "semantic_ids"
-    return sorted(p.stem for p in d.glob("*.npz") if not p.name.startswith(".")) if d.is_dir() else []
+  def names(data_dir) -> list[str]:
+    from recjax.artifacts import manifest  # pylint: disable=g-import-not-at-top
+    return manifest.find(data_dir, "semantic_ids")
 
   @staticmethod
-  def metadata(data_dir, name):
-    import json, pathlib
-    return json.loads((pathlib.Path(data_dir) / "semantic_ids" / f"{name}.json").read_text())
+  def metadata(data_dir, name) -> dict:
+    import json  # pylint: disable=g-import-not-at-top
+    from recjax.artifacts import manifest, semantic_ids  # pylint: disable=g-import-not-at-top
+    with np.load(manifest.artifact_dir(data_dir, semantic_ids.KIND, name) / semantic_ids.FILE) as f:
+      return json.loads(str(f["metadata"]))
 
   @staticmethod
   def load(data_dir, name):
-    from recjax.models import rqvae
-    return rqvae.load_semantic_ids(data_dir, name)
+    from recjax.artifacts import semantic_ids  # pylint: disable=g-import-not-at-top
+    return semantic_ids.load(data_dir, name)
 
 
 def _semantic_ids():
@@ -141,12 +144,13 @@ def _preference_texts(path: str, mtime_ns: int, data_dir: str) -> tuple[list[str
   return table, {k: np.array([index[t] for t in v], np.int32) for k, v in rows.items()}
 
 
-def _preference_source(path, axis: str, data_dir):
+def _preference_source(path, axis: str, data_dir, bench: str):
   from . import preferences  # pylint: disable=g-import-not-at-top
   splits = list(preferences.AXES[axis])
 
   def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed
+    preferences.require(data_dir, bench)  # a stale benchmark is refused here, in one sentence
     a = preferences.split_arrays(path, axis, split)
     _, text_ids = _preference_texts(str(path), path.stat().st_mtime_ns, str(data_dir))
     lengths = a["lengths"] - 1  # items = history, then the target
@@ -198,7 +202,7 @@ def register_preferences(name: str, data_dir) -> list[str]:
       for axis in preferences.AXES:
         task = f"{prefix}_{axis}"
         seqio.TaskRegistry.add(
-            task, source=_preference_source(path, axis, data_dir),
+            task, source=_preference_source(path, axis, data_dir, bench),
             preprocessors=[functools.partial(sp.to_semantic_ids, tokens_fn=tokens_fn),
                            seqio.CacheDatasetPlaceholder()],
             output_features={"inputs": seqio.Feature(vocab, add_eos=False, dtype=tf.int32),

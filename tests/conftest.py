@@ -53,20 +53,23 @@ def synthetic_prepared(synthetic_raw, tmp_path_factory) -> dict[str, pathlib.Pat
   return out
 
 
+def copy_with_random_ids(src, dst) -> pathlib.Path:
+  """A copy of a prepared dataset at `dst` with random semantic IDs named "rand" (3 levels
+  of 4 codes + a unique level of 64), for generative-retrieval models."""
+  import shutil
+  import numpy as np
+  from recjax.artifacts import semantic_ids
+  from recjax.data.prepared import PreparedDataset
+  from recjax.models import rqvae
+  shutil.copytree(src, dst)
+  n = PreparedDataset(dst).vocab_size
+  codes = np.full((n, 4), -1, np.int32)
+  codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
+  semantic_ids.save(dst, "rand", codes, [4, 4, 4, 64])
+  return pathlib.Path(dst)
+
+
 @pytest.fixture
 def with_random_ids(tmp_path):
-  """copy(prepared_dir) -> a copy under tmp_path with random semantic IDs named "rand"
-  (3 levels of 4 codes + a unique level of 64), for generative-retrieval commands."""
-  def copy(src) -> pathlib.Path:
-    import shutil
-    import numpy as np
-    from recjax.data.prepared import PreparedDataset
-    from recjax.models import rqvae
-    data = tmp_path / pathlib.Path(src).name
-    shutil.copytree(src, data)
-    n = PreparedDataset(data).vocab_size
-    codes = np.full((n, 4), -1, np.int32)
-    codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
-    rqvae.save_semantic_ids(data, "rand", codes, [4, 4, 4, 64], {})
-    return data
-  return copy
+  """copy(prepared_dir) -> a copy under tmp_path with random semantic IDs named "rand"."""
+  return lambda src: copy_with_random_ids(src, tmp_path / pathlib.Path(src).name)

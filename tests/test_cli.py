@@ -18,8 +18,11 @@ def run_cli(*argv):
 def test_help_explains_every_subcommand():
   out = run_cli("--help")
   assert out.returncode == 0
-  for command in ("main", "synth", "prepare"):
+  for command in ("main", "synth", "prepare", "fit"):
     assert command in out.stdout
+  # Artifacts are built by `recjax fit` with gin files; the per-artifact commands are gone.
+  assert "semantic-ids" not in out.stdout and "\n    wals " not in out.stdout
+  assert run_cli("wals", "--data", ".").returncode == 2
   out = run_cli("prepare", "--help")
   for flag in ("--format", "--kcore", "--skip_bad_lines", "--max_seq_len", "--short_ids"):
     assert flag in out.stdout

@@ -26,7 +26,10 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def bench(regen_dir, encoder):
-  return prefs.build_benchmark(regen_dir, encoder=encoder, max_items=MAX_ITEMS, num_preferences=NUM_PREFS, seed=3)
+  from recjax.artifacts import manifest, text_embeddings
+  if "minilm" not in manifest.find(regen_dir, "text_embeddings"):  # the session's dataset: built once
+    text_embeddings.fit(regen_dir, "minilm", encoder=encoder)
+  return prefs.build_benchmark(regen_dir, max_items=MAX_ITEMS, num_preferences=NUM_PREFS, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +201,7 @@ def test_no_preference_target_pair_is_shared_between_train_and_test(bench):
 
 def test_held_out_splits_only_drop_their_pairs(bench, regen_dir, encoder):
   sentiment = ("test_sentiment_positive", "test_sentiment_negative")
-  other = prefs.build_benchmark(regen_dir, encoder=encoder, max_items=MAX_ITEMS, num_preferences=NUM_PREFS, seed=3,
+  other = prefs.build_benchmark(regen_dir, max_items=MAX_ITEMS, num_preferences=NUM_PREFS, seed=3,
                                 held_out_splits=sentiment)
   for name in prefs.TEST_SPLITS + ("valid_recommendation",):  # deterministic: the same seed gives the same splits
     for key in prefs.ARRAY_KEYS:
@@ -206,7 +209,7 @@ def test_held_out_splits_only_drop_their_pairs(bench, regen_dir, encoder):
   assert other.stats["dropped_total"] < bench.stats["dropped_total"]
   assert len(other.splits["train"]["target"]) > len(bench.splits["train"]["target"])
   with pytest.raises(ValueError, match="not test splits"):
-    prefs.build_benchmark(regen_dir, encoder=encoder, held_out_splits=("train",))
+    prefs.build_benchmark(regen_dir, held_out_splits=("train",))
 
 
 def test_steering_changes_the_target_and_fine_is_closer_than_coarse(bench, users):
@@ -275,12 +278,15 @@ def test_consolidation_hides_the_matched_statement_among_the_users_others(bench,
   assert any(bench.negative[row[row >= 0]].any() for row in cons["preferences"])
 
 
-def test_save_load_round_trip(bench, tmp_path):
+def test_save_load_round_trip(bench, regen_dir, tmp_path):
+  import shutil
+  from recjax.artifacts import preference_benchmark
   data_dir = tmp_path / "data"
-  path = prefs.save_benchmark(bench, data_dir, name="gt")
-  assert path == data_dir / "preference_benchmark" / "gt.npz" and path.is_file()
-  assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]
-  loaded = prefs.load_benchmark(data_dir, name="gt")
+  shutil.copytree(regen_dir, data_dir)
+  path = preference_benchmark.save(bench, data_dir, name="gt")
+  assert path == data_dir / "artifacts" / "preference_benchmark" / "gt" and (path / "benchmark.npz").is_file()
+  assert sorted(p.name for p in path.parent.iterdir()) == [".lock-gt", "gt"]  # no build dir left behind
+  loaded = preference_benchmark.load(data_dir, name="gt")
   assert loaded.preferences == bench.preferences and loaded.stats == json.loads(json.dumps(bench.stats))
   np.testing.assert_array_equal(loaded.pref_embeddings, bench.pref_embeddings)
   np.testing.assert_array_equal(loaded.item_embeddings, bench.item_embeddings)
@@ -289,10 +295,10 @@ def test_save_load_round_trip(bench, tmp_path):
     for key, value in split.items():
       assert loaded.splits[name][key].dtype == value.dtype
       np.testing.assert_array_equal(loaded.splits[name][key], value)
-  with pytest.raises(FileNotFoundError, match="missing.npz"):
-    prefs.load_benchmark(data_dir, name="missing")
+  with pytest.raises(FileNotFoundError, match="fits/preference_benchmark.gin .* --gin.NAME=missing"):
+    preference_benchmark.load(data_dir, name="missing")
   with pytest.raises(ValueError, match="name"):
-    prefs.save_benchmark(bench, data_dir, name="../escape")
+    preference_benchmark.save(bench, data_dir, name="../escape")
 
 
 # --- metrics --------------------------------------------------------------------------------------------------------
@@ -326,7 +332,8 @@ def test_benchmark_splits_become_seqio_tasks(bench, regen_dir, tmp_path):
   tasks = import_tasks()
   data = tmp_path / "regen"
   shutil.copytree(regen_dir, data)
-  prefs.save_benchmark(bench, data, "ground_truth")
+  from recjax.artifacts import preference_benchmark
+  preference_benchmark.save(bench, data, "ground_truth")
   names = tasks.register_dataset_tasks("pt_regen", data)
   try:
     axes = ["recommendation", "fine_steering", "coarse_steering", "sentiment", "consolidation"]

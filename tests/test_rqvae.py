@@ -139,10 +139,11 @@ def fake_prepared(path, titles, content_hash="sha256:aaa"):
 
 
 def test_loader_refuses_a_changed_content_hash(tmp_path):
+  from recjax.artifacts import semantic_ids
   data = fake_prepared(tmp_path / "ds", ["a", "b", "c"])
   codes = np.array([[-1, -1], [-1, -1], [0, 0], [0, 1], [2, 0]], np.int32)
-  rqvae.save_semantic_ids(data, "t", codes, [4, 2], {"metrics": {"collision_rate": 0.5}})
-  sids = rqvae.load_semantic_ids(data, "t")
+  semantic_ids.save(data, "t", codes, [4, 2], {"metrics": {"collision_rate": 0.5}})
+  sids = semantic_ids.load(data, "t")
   np.testing.assert_array_equal(sids.codes, codes)
   assert sids.metadata["offsets"] == [2, 6] and sids.vocab_size == 8
   assert sids.metadata["metrics"]["collision_rate"] == 0.5
@@ -150,13 +151,14 @@ def test_loader_refuses_a_changed_content_hash(tmp_path):
   np.testing.assert_array_equal(sids.trie.valid_next((0,)), [0, 1])
   manifest = json.loads((data / "manifest.json").read_text())
   (data / "manifest.json").write_text(json.dumps({**manifest, "content_hash": "sha256:bbb"}))
-  with pytest.raises(ValueError, match="was built for content hash sha256:aaa .* now has sha256:bbb"):
-    rqvae.load_semantic_ids(data, "t")
-  with pytest.raises(FileNotFoundError, match="recjax semantic-ids"):
-    rqvae.load_semantic_ids(data, "missing")
+  with pytest.raises(ValueError, match="built from dataset content sha256:aaa but .* now has sha256:bbb"):
+    semantic_ids.load(data, "t")
+  with pytest.raises(FileNotFoundError, match="recjax fit --gin_file=fits/rqvae.gin .* --gin.NAME=missing"):
+    semantic_ids.load(data, "missing")
 
 
 def test_build_with_minilm_end_to_end(tmp_path, monkeypatch):
+  from recjax.artifacts import semantic_ids, text_embeddings
   from recjax.models import text
   titles = ["red lipstick", "matte red lipstick", "shampoo for dry hair", "hair conditioner",
             "sunscreen spf 50", "face sunscreen lotion", "nail polish remover", "pink nail polish"]
@@ -164,24 +166,26 @@ def test_build_with_minilm_end_to_end(tmp_path, monkeypatch):
   enc = text.load_text_encoder("minilm")
   cfg = rqvae.RQVAEConfig(hidden_dims=(32,), latent_dim=8, num_levels=2, codebook_size=4,
                           steps=10, batch_size=8, log_every=10)
-  sids, metrics = rqvae.build_semantic_ids(data, "mini", encoder=enc, config=cfg, unique_codes=8,
-                                           log=lambda s: None)
-  emb_files = list((data / "semantic_ids").glob("embeddings-*.npy"))
-  assert len(emb_files) == 1
-  emb = np.load(emb_files[0])
-  assert emb.shape == (10, 384) and not emb[:2].any()
+  with pytest.raises(FileNotFoundError, match="fits/text_embeddings.gin"):  # named, never built behind one's back
+    semantic_ids.fit(data, "mini", config=cfg, unique_codes=8, log=None)
+  text_embeddings.fit(data, "minilm", encoder=enc, log=None)
+  metrics = semantic_ids.fit(data, "mini", config=cfg, unique_codes=8, log=None)
+  sids = semantic_ids.load(data, "mini")
+  emb, meta = text_embeddings.load(data, "minilm")
+  assert emb.shape == (10, 384) and not emb[:2].any() and meta["encoder_fingerprint"] == enc.fingerprint
   np.testing.assert_allclose(np.linalg.norm(emb[2:], axis=1), 1.0, atol=1e-4)
   assert sids.codes.shape == (10, 3) and (sids.codes[:2] == -1).all()
   assert len(np.unique(sids.codes[2:], axis=0)) == len(titles) and metrics["unique_after_last_level"]
   assert sids.metadata["encoder_fingerprint"] == enc.fingerprint
-  # Another call reads the cached embeddings instead of encoding again.
-  monkeypatch.setattr(rqvae, "embed_by_length", lambda *a, **k: pytest.fail("re-encoded"))
-  cached, _ = rqvae.item_embeddings(data, enc)
-  np.testing.assert_array_equal(cached, emb)
+  # Another fit reads the embeddings artifact instead of encoding again, and gives the same codes.
+  monkeypatch.setattr(text_embeddings, "embed_by_length", lambda *a, **k: pytest.fail("re-encoded"))
+  semantic_ids.fit(data, "again", config=cfg, unique_codes=8, log=None)
+  np.testing.assert_array_equal(semantic_ids.load(data, "again").codes, sids.codes)
 
 
 def test_cli_rejects_bad_options_in_one_sentence(tmp_path, capsys):
   from recjax import main
   data = fake_prepared(tmp_path / "ds", ["a", "b"])
-  assert main.main(["semantic-ids", "--data", str(data), "--steps", "0"]) == 2
-  assert "--steps must be >= 1" in capsys.readouterr().err
+  assert main.main(["fit", "--gin_file=fits/rqvae.gin", "--dataset", f"ds={data}",
+                    "--gin.rqvae.RQVAEConfig.steps=0"]) == 2
+  assert "RQVAEConfig.steps must be >= 1" in capsys.readouterr().err

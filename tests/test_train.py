@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import copy_with_random_ids
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GIN_FILES = sorted((REPO / "gin").rglob("*.gin"))
@@ -365,22 +366,9 @@ TIGER = [
 ]
 
 
-def _copy_with_random_ids(src, dst) -> pathlib.Path:
-  """A copy of a prepared dataset with random semantic IDs "rand" (3 x 4 codes + a unique level)."""
-  import shutil
-  from recjax.data.prepared import PreparedDataset
-  from recjax.models import rqvae
-  shutil.copytree(src, dst)
-  n = PreparedDataset(dst).vocab_size
-  codes = np.full((n, 4), -1, np.int32)
-  codes[2:] = rqvae.add_unique_level(np.random.default_rng(0).integers(0, 4, (n - 2, 3)), 64)
-  rqvae.save_semantic_ids(dst, "rand", codes, [4, 4, 4, 64], {})
-  return dst
-
-
 @pytest.fixture(scope="module")
 def tsid(synthetic_prepared, tmp_path_factory):
-  return _copy_with_random_ids(synthetic_prepared["synthetic"], tmp_path_factory.mktemp("tsid") / "synthetic")
+  return copy_with_random_ids(synthetic_prepared["synthetic"], tmp_path_factory.mktemp("tsid") / "synthetic")
 
 
 def test_tiger_trains_evaluates_and_its_export_reevaluates_identically(tsid, tmp_path):
@@ -507,9 +495,11 @@ MENDER = [
 @pytest.fixture(scope="module")
 def treg(synthetic_prepared, tmp_path_factory):
   """The synthetic REGEN set with random semantic IDs "rand" and its preference benchmark."""
-  from recjax.evaluation import preferences as prefs
-  data = _copy_with_random_ids(synthetic_prepared["synthetic_regen"], tmp_path_factory.mktemp("treg") / "regen")
-  prefs.save_benchmark(prefs.build_benchmark(data, max_items=5, num_preferences=3, seed=0), data, "ground_truth")
+  from recjax.artifacts import preference_benchmark, text_embeddings
+  data = copy_with_random_ids(synthetic_prepared["synthetic_regen"], tmp_path_factory.mktemp("treg") / "regen")
+  if not (data / "artifacts" / "text_embeddings" / "minilm").is_dir():  # the copy may hold it already
+    text_embeddings.fit(data, "minilm")
+  preference_benchmark.fit(data, "ground_truth", max_items=5, num_preferences=3)
   return data
 
 

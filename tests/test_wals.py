@@ -88,30 +88,39 @@ def test_wals_on_the_default_synthetic_dataset_beats_popularity(tmp_path):
   data = tmp_path / "prepared"
   prepare.prepare("amazon2018", tmp_path / "raw" / "amazon2018" / "Synthetic.json.gz", data,
                   options=prepare.PrepareOptions(kcore=5))
-  users, items, num_users, vocab = wals.train_interactions(data)
+  from recjax.artifacts import wals as wals_artifact
+  users, items, num_users, vocab = wals_artifact.train_interactions(data)
   model = wals.fit(users, items, num_users=num_users, num_items=vocab, config=wals.WALSConfig(dim=16, sweeps=6))
   assert model.item_factors.shape == (vocab, 16)
-  result = wals.evaluate(model, data, split="test")
+  result = wals_artifact.evaluate(model, data, split="test")
   assert result["wals"]["count"] == result["popularity"]["count"] == num_users
   assert result["wals"]["ndcg@10"] > 1.5 * result["popularity"]["ndcg@10"], result
 
 
-def test_wals_command_saves_vectors_and_reports_both_splits(synthetic_prepared):
+def test_fit_command_saves_vectors_and_reports_both_splits(synthetic_prepared, tmp_path):
   import json
   import os
   import pathlib
+  import shutil
   import subprocess
   import sys
-  data = synthetic_prepared["synthetic"]
+  from recjax.artifacts import wals as wals_artifact
+  data = tmp_path / "synthetic"
+  shutil.copytree(synthetic_prepared["synthetic"], data)
   repo = pathlib.Path(__file__).resolve().parents[1]
-  out = subprocess.run([sys.executable, "-m", "recjax.main", "wals", "--data", str(data), "--dim", "8",
-                        "--sweeps", "3", "--name", "w8"], capture_output=True, text=True, cwd=repo,
-                       env=dict(os.environ), timeout=300)
+  fit = [sys.executable, "-m", "recjax.main", "fit", "--gin_file=fits/wals.gin", "--dataset", f"syn={data}"]
+  out = subprocess.run([*fit, "--gin.wals_model.WALSConfig.dim=8", "--gin.wals_model.WALSConfig.sweeps=3",
+                        "--gin.NAME=w8"], capture_output=True, text=True, cwd=repo, env=dict(os.environ), timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   row = json.loads(out.stdout.strip().splitlines()[-1])
   assert row["validation"]["wals"]["count"] == row["test"]["popularity"]["count"] > 200
-  saved = np.load(data / "embeddings" / "w8.npz")
-  assert saved["item_factors"].shape[1] == 8 and saved["user_factors"].shape[0] == row["users"]
-  bad = subprocess.run([sys.executable, "-m", "recjax.main", "wals", "--data", str(data), "--dim", "0"],
-                       capture_output=True, text=True, cwd=repo, env=dict(os.environ), timeout=300)
-  assert bad.returncode == 2 and "--dim must be >= 1" in bad.stderr
+  assert "wals sweep 3/3" in out.stderr  # progress lines
+  model = wals_artifact.load(data, "w8")
+  assert model.item_factors.shape[1] == 8 and model.user_factors.shape[0] == row["users"]
+  assert model.config.sweeps == 3 and len(model.losses) == 3
+  meta = json.loads((data / "artifacts" / "wals" / "w8" / "manifest.json").read_text())
+  assert meta["gin_file"] == "fits/wals.gin" and "WALSConfig.dim = 8" in meta["gin_config"]
+  assert meta["metrics"]["test"] == row["test"]
+  bad = subprocess.run([*fit, "--gin.wals_model.WALSConfig.dim=0"], capture_output=True, text=True, cwd=repo,
+                       env=dict(os.environ), timeout=300)
+  assert bad.returncode == 2 and "WALSConfig.dim must be >= 1" in bad.stderr and "Traceback" not in bad.stderr

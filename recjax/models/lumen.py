@@ -315,23 +315,26 @@ def interaction_index(data_dir) -> tuple[np.ndarray, np.ndarray]:
           np.asarray(items.values.to_numpy(zero_copy_only=False), np.int64))
 
 
-def fusion_tables(data_dir, *, cf_dim: int = 64, encoder="minilm", seed: int = 0, log_fn=None) -> dict:
-  """Trainer frozen inputs of the soft prompts: "cf" [vocab, cf_dim], WALS item vectors
-  fitted on the training part and scaled to mean norm 1 over real items; "content"
-  [1 + interactions, D], the unit-normalised sum of the item text's and the review's
-  sentence embeddings (row 0 = no interaction). Sentence embeddings are cached next to the
-  dataset (`rqvae.item_embeddings`, and reviews like it)."""
+def fusion_tables(data_dir, *, cf_dim: int = 64, wals: str = "wals", embeddings: str = "minilm", log_fn=None) -> dict:
+  """Trainer frozen inputs of the soft prompts: "cf" [vocab, cf_dim], the `wals` artifact's
+  item vectors (fitted on the training part) scaled to mean norm 1 over real items; "content"
+  [1 + interactions, D], the unit-normalised sum of the item text's (the `text_embeddings`
+  artifact) and the review's sentence embeddings (row 0 = no interaction; reviews are
+  embedded by the same encoder and cached under DIR/text_cache/). Both artifacts are built
+  by `recjax fit` (gin/fits/wals.gin, gin/fits/text_embeddings.gin)."""
+  from recjax.artifacts import text_embeddings
+  from recjax.artifacts import wals as wals_artifact
   from recjax.data.prepared import PreparedDataset
-  from recjax.models import rqvae, wals
-  from recjax.models.text import load_text_encoder
-  if isinstance(encoder, str):
-    encoder = load_text_encoder(encoder)
-  users, items, num_users, vocab = wals.train_interactions(data_dir)
-  model = wals.fit(users, items, num_users=num_users, num_items=vocab,
-                   config=wals.WALSConfig(dim=cf_dim, seed=seed), track_loss=False)
-  cf = wals.normalize_by_mean_norm(model.item_factors, rows=np.arange(NUM_RESERVED, vocab))
+  from recjax.models import wals as wals_lib
+  model = wals_artifact.load(data_dir, wals)
+  if model.item_factors.shape[1] != cf_dim:
+    raise ValueError(f"the wals artifact {wals!r} of {data_dir} has {model.item_factors.shape[1]} dims but the "
+                     f"model's cf_dim is {cf_dim}; fit one with --gin.wals_model.WALSConfig.dim={cf_dim}")
+  vocab = len(model.item_factors)
+  cf = wals_lib.normalize_by_mean_norm(model.item_factors, rows=np.arange(NUM_RESERVED, vocab))
   cf[:NUM_RESERVED] = 0
-  item_text, _ = rqvae.item_embeddings(data_dir, encoder, log=log_fn)
+  item_text, meta = text_embeddings.load(data_dir, embeddings)
+  encoder = text_embeddings.load_encoder(meta)
   table = PreparedDataset(data_dir).sequences(["items", "reviews"]).to_pydict()
   flat_items = np.asarray([i for seq in table["items"] for i in seq], np.int64)
   reviews = [str(r or "") for seq in table["reviews"] for r in seq]
@@ -344,15 +347,15 @@ def fusion_tables(data_dir, *, cf_dim: int = 64, encoder="minilm", seed: int = 0
 
 def _review_embeddings(data_dir, encoder, reviews: list[str], log_fn) -> np.ndarray:
   """Sentence embeddings of the reviews (empty ones: zeros), each distinct text once, cached."""
-  from recjax.models import rqvae
+  from recjax.artifacts import text_embeddings as te
   unique = sorted(set(r for r in reviews if r.strip()))
-  path = rqvae.semantic_ids_dir(data_dir) / f"reviews-{rqvae.strings_key(encoder.fingerprint, unique)}.npy"
+  path = pathlib.Path(data_dir) / "text_cache" / f"reviews-{te.strings_key(encoder.fingerprint, unique)}.npy"
   if path.is_file():
     emb = np.load(path)
   else:
     start = time.perf_counter()
-    emb = rqvae.embed_by_length(encoder, unique) if unique else np.zeros((0, encoder.dim), np.float32)
-    rqvae.save_npy_atomic(path, emb)
+    emb = te.embed_by_length(encoder, unique) if unique else np.zeros((0, encoder.dim), np.float32)
+    te.save_npy_atomic(path, emb)
     if log_fn:
       log_fn(f"embedded {len(unique):,} distinct reviews with {encoder.name} in "
              f"{time.perf_counter() - start:.0f}s -> {path}")
@@ -559,7 +562,7 @@ def prepare(data_dir, examples_dir, *, dataset: str = "regen", narratives=NARRAT
                   id_position=id_position(names[0], vocabulary, placeholder),
                   **{**model_kwargs, **SETTING_SPECS[setting][2]})
     if model.soft_parts and tables is None:  # WALS + sentence embeddings: once, shared
-      tables = fusion_tables(data_dir, cf_dim=model.cf_dim, seed=seed, log_fn=log.info)
+      tables = fusion_tables(data_dir, cf_dim=model.cf_dim, log_fn=log.info)
       # float16 storage halves what travels; the model reads float32 (`run`).
       np.savez(out / "fusion_tables.npz", **{k: v[0].astype(np.float16) for k, v in tables.items()})
     kind, suffix, _ = SETTING_SPECS[setting]

@@ -2,8 +2,8 @@
 Retrieval"): TIGER's semantic-ID decoder conditioned on user preferences in language.
 
 The encoder input is one vector per preference and one per history item, each the frozen
-sentence encoder's embedding of its text (precomputed once: `recjax.models.rqvae.
-item_embeddings` for items, `recjax.evaluation.preferences` for preference statements),
+sentence encoder's embedding of its text (precomputed once: the `text_embeddings`
+artifact for items, `recjax.evaluation.preferences` for preference statements),
 projected to d_model, plus a learned type vector (preference / item); an item also adds
 the mean of its semantic-ID token embeddings (`item_id_embeddings`), so the encoder sees
 the same collaborative tokens TIGER does. A T5 encoder runs over [preferences ; items]

@@ -1,14 +1,15 @@
 """Semantic IDs (TIGER, Mender): an RQ-VAE over frozen sentence embeddings of item text.
 
-  sids, metrics = build_semantic_ids(data_dir, "rqvae", encoder="minilm")  # train + save
-  sids = load_semantic_ids(data_dir, "rqvae")   # refuses a dataset whose content changed
+The network, its losses and the fitting math only; building, saving and loading a
+dataset's semantic IDs is `recjax.artifacts.semantic_ids` (`recjax fit --gin_file=fits/rqvae.gin`):
+
+  sids = recjax.artifacts.semantic_ids.load(data_dir, "rqvae")  # a SemanticIds
   sids.codes[item_id]                           # [levels] level-local codes (-1: PAD/MASK)
   sids.tokens[item_id]                          # the same as tokens: offset_l + code
   sids.trie.valid_next((12, 7))                 # codes that may follow a prefix
 
-The path: item texts (`text.cache.item_texts`) -> frozen encoder, mean pooled (cached
-under <data_dir>/semantic_ids/) -> standardized per dimension -> RQ-VAE: MLP encoder ->
-latent -> `num_levels` residual quantisers (k-means initialised on the first batch) ->
+The path: item text embeddings (a frozen encoder, the `text_embeddings` artifact) ->
+standardized per dimension -> RQ-VAE: MLP encoder -> latent -> `num_levels` residual quantisers (k-means initialised on the first batch) ->
 MLP decoder back to the input. Training: reconstruction MSE + codebook loss + beta x
 commitment loss, a straight-through (or rotation-trick) gradient, AdamW. One more level
 then numbers the items that share a prefix 0, 1, 2, ... (by item id), so every item's ID
@@ -19,11 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import pathlib
-import re
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -35,8 +31,6 @@ from flax import nnx
 
 PAD_TOKEN, EOS_TOKEN, NUM_SPECIAL = 0, 1, 2  # semantic-ID tokens reserved before the codes
 NUM_RESERVED_ITEMS = 2  # item ids 0/1 are PAD/MASK in every prepared dataset
-SUBDIR = "semantic_ids"
-FORMAT_VERSION = 1
 sg = jax.lax.stop_gradient
 
 
@@ -166,6 +160,7 @@ def rqvae_loss(out: dict, x, beta: float):
 # -- k-means ---------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("k", "iters"))  # one compilation per shape, shared by fits
 def kmeans(x, k: int, *, key, iters: int = 10):
   """Lloyd's algorithm with k-means++ seeding, in JAX: (centroids [k, D], assignment [N]).
 
@@ -246,20 +241,11 @@ def _restart_dead_codes(codebooks, usage, residuals, key, due):
   return codebooks, jnp.where(due, 0, usage), jnp.sum(dead)
 
 
-def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *,
-                log: Callable[[str], None] | None = None) -> RQVAEResult:
-  """Trains an RQ-VAE on the rows of x [N, D] (already standardized); deterministic
-  given cfg.seed. Returns the model, every row's codes and the metrics of `evaluate`."""
-  x = np.asarray(x, np.float32)
-  if x.ndim != 2 or x.shape[1] != cfg.input_dim:
-    raise ValueError(f"expected embeddings [N, {cfg.input_dim}], got {x.shape}")
-  n = x.shape[0]
-  batch_size = min(cfg.batch_size, n)
-  key_params, key_init, key_data, key_dropout, key_dead = jax.random.split(jax.random.key(cfg.seed), 5)
-  model = RQVAE(cfg, rngs=nnx.Rngs(params=key_params))
-  data = jnp.asarray(x)
-  kmeans_init(model, data[_batch_rows(0, n, batch_size, key_data)], key=key_init, iters=cfg.kmeans_iters)
-  graphdef, params = nnx.split(model)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n", "batch_size", "length"), donate_argnums=0)
+def _run_chunk(carry, data, keys, *, graphdef, cfg: RQVAEConfig, n: int, batch_size: int, length: int):
+  """`length` training steps in one call (lax.scan: no host work between steps). Module
+  level, with the configuration static, so fits of one shape share the compilation."""
+  key_data, key_dropout, key_dead = keys
   tx = _optimizer(cfg)
 
   def step_fn(carry, _):
@@ -285,17 +271,56 @@ def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *,
       params, restarted = nnx.state(net), restarted + count
     return (params, opt_state, usage, restarted, step + 1), metrics
 
-  @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
-  def run_chunk(carry, length: int):  # `length` steps in one call: no host work between steps
-    carry, metrics = jax.lax.scan(step_fn, carry, None, length=length)
-    return carry, jax.tree.map(jnp.mean, metrics)
+  carry, metrics = jax.lax.scan(step_fn, carry, None, length=length)
+  return carry, jax.tree.map(jnp.mean, metrics)
 
-  carry = (params, tx.init(params), jnp.zeros((cfg.num_levels, cfg.codebook_size), jnp.int32),
-           jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-  history, start, done = [], time.perf_counter(), 0
+
+def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, log: Callable[[str], None] | None = None,
+                checkpoint_every: int = 0, restore: Callable | None = None,
+                save: Callable | None = None) -> RQVAEResult:
+  """Trains an RQ-VAE on the rows of x [N, D] (already standardized); deterministic
+  given cfg.seed. Returns the model, every row's codes and the metrics of `evaluate`.
+
+  Resumable without knowing about files: the whole training state is one pytree
+  (params, optimizer state, code usage, restart count, step). `restore(template)` may
+  return (state, history) saved earlier; `save(step, state, history)` is called every
+  `checkpoint_every` steps (0 = never; chunks end on those steps). Every batch, dropout
+  mask and dead-code restart is a function of (seed, step), so a resumed run ends with the
+  same parameters as an uninterrupted one.
+  """
+  x = np.asarray(x, np.float32)
+  if x.ndim != 2 or x.shape[1] != cfg.input_dim:
+    raise ValueError(f"expected embeddings [N, {cfg.input_dim}], got {x.shape}")
+  n = x.shape[0]
+  batch_size = min(cfg.batch_size, n)
+  key_params, key_init, key_data, key_dropout, key_dead = jax.random.split(jax.random.key(cfg.seed), 5)
+  model = RQVAE(cfg, rngs=nnx.Rngs(params=key_params))
+  data = jnp.asarray(x)
+  graphdef, params = nnx.split(model)
+  tx = _optimizer(cfg)
+  keys = (key_data, key_dropout, key_dead)
+  run_chunk = functools.partial(_run_chunk, graphdef=graphdef, cfg=cfg, n=n, batch_size=batch_size)
+
+  def initial():
+    return (params, tx.init(params), jnp.zeros((cfg.num_levels, cfg.codebook_size), jnp.int32),
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  restored = restore(initial()) if restore else None
+  if restored is not None:
+    carry, history = restored
+    done = int(carry[4])
+    if log:
+      log(f"rqvae: resuming at step {done}/{cfg.steps}")
+  else:
+    kmeans_init(model, data[_batch_rows(0, n, batch_size, key_data)], key=key_init, iters=cfg.kmeans_iters)
+    params = nnx.state(model)
+    carry, history, done = initial(), [], 0
+  start = time.perf_counter()
   while done < cfg.steps:
     length = min(cfg.log_every, cfg.steps - done)
-    carry, metrics = run_chunk(carry, length)
+    if checkpoint_every:
+      length = min(length, checkpoint_every - done % checkpoint_every)
+    carry, metrics = run_chunk(carry, data, keys, length=length)
     done += length
     row = {"step": done, **{k: round(float(v), 5) for k, v in metrics.items()}}
     history.append(row)
@@ -303,6 +328,8 @@ def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *,
       log(f"rqvae step {done}/{cfg.steps}: loss {row['loss']:.4f} recon {row['recon']:.4f} "
           f"quantization {row['quantization']:.4f} "
           f"({time.perf_counter() - start:.0f}s)")
+    if save and checkpoint_every and done % checkpoint_every == 0 and done < cfg.steps:
+      save(done, carry, history)
   params = carry[0]
   model = nnx.merge(graphdef, params)
   codes, metrics = evaluate(model, x)
@@ -311,17 +338,19 @@ def train_rqvae(x: np.ndarray, cfg: RQVAEConfig, *,
   return RQVAEResult(model=model, codes=codes, metrics=metrics, history=history)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _evaluate_chunk(state, xb, *, graphdef):
+  out = nnx.merge(graphdef, state)(xb)
+  return (out["codes"], jnp.sum(jnp.square(out["x_hat"] - xb), -1),
+          jnp.sum(jnp.square(out["z"] - out["q"]), -1), jnp.sum(jnp.square(out["z"]), -1))
+
+
 def evaluate(model: RQVAE, x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, dict]:
   """(codes [N, L], metrics) of every row without dropout: reconstruction MSE through
   the quantised path (per element, in standardized units), the latent's quantisation
   error relative to its energy, and the code metrics of `code_metrics`."""
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, xb):
-    out = nnx.merge(graphdef, state)(xb)
-    return (out["codes"], jnp.sum(jnp.square(out["x_hat"] - xb), -1),
-            jnp.sum(jnp.square(out["z"] - out["q"]), -1), jnp.sum(jnp.square(out["z"]), -1))
+  run = functools.partial(_evaluate_chunk, graphdef=graphdef)
 
   x = np.asarray(x, np.float32)
   n, rows = len(x), min(chunk, len(x))
@@ -451,112 +480,7 @@ class SemanticIds:
     return self._items.get(tuple(int(c) for c in codes))
 
 
-# -- on disk -----------------------------------------------------------------------------
-
-
-def semantic_ids_dir(data_dir) -> pathlib.Path:
-  return pathlib.Path(data_dir) / SUBDIR
-
-
-def _check_name(name: str) -> None:
-  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-    raise ValueError(f"semantic-ID name {name!r} must be letters, digits, '_', '.' or '-'")
-
-
-def save_semantic_ids(data_dir, name: str, codes: np.ndarray, codebook_sizes: Sequence[int],
-                      metadata: dict, arrays: dict | None = None) -> pathlib.Path:
-  """Writes <data_dir>/semantic_ids/<name>.npz (codes, tokens, metadata as json, `arrays`)
-  and <name>.json (the metadata, for people); atomically. Records the prepared dataset's
-  content hash, which `load_semantic_ids` checks."""
-  from recjax.data.prepared import PreparedDataset
-  _check_name(name)
-  ds = PreparedDataset(data_dir)
-  codes = np.asarray(codes, np.int32)
-  if codes.shape[0] != ds.vocab_size or len(codebook_sizes) != codes.shape[1]:
-    raise ValueError(f"codes {codes.shape} do not fit {ds.vocab_size} item ids x {len(codebook_sizes)} levels")
-  offsets = token_offsets(codebook_sizes)
-  metadata = {"format_version": FORMAT_VERSION, "name": name, "levels": len(codebook_sizes),
-              "codebook_sizes": [int(s) for s in codebook_sizes], "offsets": offsets,
-              "special_tokens": {"pad": PAD_TOKEN, "eos": EOS_TOKEN},
-              "vocab_size": offsets[-1] + int(codebook_sizes[-1]),
-              "content_hash": ds.content_hash, **metadata}
-  sids = SemanticIds(codes=codes, metadata=metadata)
-  out = semantic_ids_dir(data_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  tmp = out / f".tmp-{name}-{os.getpid()}.npz"
-  np.savez(tmp, codes=codes, tokens=sids.tokens, metadata=np.asarray(json.dumps(metadata)), **(arrays or {}))
-  os.replace(tmp, out / f"{name}.npz")
-  (out / f"{name}.json").write_text(json.dumps(metadata, indent=1) + "\n")
-  return out / f"{name}.npz"
-
-
-def load_semantic_ids(data_dir, name: str = "rqvae") -> SemanticIds:
-  from recjax.data.prepared import PreparedDataset
-  _check_name(name)
-  path = semantic_ids_dir(data_dir) / f"{name}.npz"
-  if not path.is_file():
-    raise FileNotFoundError(f"no semantic IDs {name!r} at {path}; build them with "
-                            f"`recjax semantic-ids --data {data_dir} --name {name}`")
-  with np.load(path) as f:
-    codes, metadata = f["codes"], json.loads(str(f["metadata"]))
-  current = PreparedDataset(data_dir).content_hash
-  if metadata["content_hash"] != current:
-    raise ValueError(f"{path} was built for content hash {metadata['content_hash']} but {data_dir} now has "
-                     f"{current}, so rebuild it with `recjax semantic-ids --data {data_dir} --name {name}`")
-  return SemanticIds(codes=codes, metadata=metadata)
-
-
-# -- item embeddings -------------------------------------------------------------------
-
-
-def strings_key(fingerprint: str, strings: Sequence[str]) -> str:
-  """Cache key of `strings` embedded by the encoder with this fingerprint (item and review caches)."""
-  from recjax.models.text import cache
-  return cache.hash_strings({"kind": "sentence-embeddings", "version": 1, "encoder": fingerprint}, strings)
-
-
-def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-  """Writes beside `path` and renames: readers never see a partial cache file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".tmp-{path.stem}-{os.getpid()}.npy"
-  np.save(tmp, array)
-  os.replace(tmp, path)
-
-
-def embed_by_length(encoder, texts: Sequence[str], chunk: int = 1024, batch_size: int = 256) -> np.ndarray:
-  """`encoder.embed_sentences` over chunks of similar token length: each chunk is padded
-  only to its own longest text (a few long titles would otherwise pad every batch)."""
-  _, mask = encoder.tokenize(texts, encoder.default_max_length)
-  order = np.argsort(mask.sum(1), kind="stable")
-  out = np.zeros((len(texts), encoder.dim), np.float32)
-  for s in range(0, len(texts), chunk):
-    rows = order[s:s + chunk]
-    out[rows] = encoder.embed_sentences([texts[i] for i in rows], batch_size=batch_size)
-  return out
-
-
-def item_embeddings(data_dir, encoder="minilm", *, log: Callable[[str], None] | None = None):
-  """(embeddings [vocab_size, D] float32 with rows 0/1 zero, encoder) of the item texts,
-  cached as <data_dir>/semantic_ids/embeddings-<hash of texts + encoder fingerprint>.npy.
-  `encoder` is a name or path for `load_text_encoder`, or a loaded TextEncoder."""
-  from recjax.models import text
-  from recjax.models.text import cache
-  if isinstance(encoder, (str, os.PathLike)):
-    encoder = text.load_text_encoder(encoder)
-  texts = cache.item_texts(data_dir)
-  path = semantic_ids_dir(data_dir) / f"embeddings-{strings_key(encoder.fingerprint, texts)}.npy"
-  if path.is_file():
-    emb = np.load(path)
-    if emb.shape == (len(texts), encoder.dim):
-      return emb, encoder
-  start = time.perf_counter()
-  emb = np.zeros((len(texts), encoder.dim), np.float32)
-  emb[NUM_RESERVED_ITEMS:] = embed_by_length(encoder, texts[NUM_RESERVED_ITEMS:])
-  save_npy_atomic(path, emb)
-  if log:
-    log(f"embedded {len(texts) - NUM_RESERVED_ITEMS:,} item texts with {encoder.name} in "
-        f"{time.perf_counter() - start:.0f}s -> {path}")
-  return emb, encoder
+# -- input scaling ----------------------------------------------------------------------
 
 
 def standardize(x: np.ndarray, eps: float = 1e-6):
@@ -565,36 +489,5 @@ def standardize(x: np.ndarray, eps: float = 1e-6):
   return ((x - mean) / (std + eps)).astype(np.float32), mean, std
 
 
-def build_semantic_ids(data_dir, name: str = "rqvae", *, encoder="minilm",
-                       config: RQVAEConfig = RQVAEConfig(), unique_codes: int | None = None,
-                       log: Callable[[str], None] | None = None) -> tuple[SemanticIds, dict]:
-  """Embeds the items, trains the RQ-VAE, adds the unique level and saves the result
-  next to the prepared dataset. Returns (semantic ids, metrics)."""
-  _check_name(name)
-  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-  start = time.perf_counter()
-  emb, enc = item_embeddings(data_dir, encoder, log=log)
-  x, mean, std = standardize(emb[NUM_RESERVED_ITEMS:])
-  config = dataclasses.replace(config, input_dim=x.shape[1])
-  result = train_rqvae(x, config, log=log)
-  unique_codes = unique_codes or config.codebook_size
-  metrics = dict(result.metrics)
-  metrics["levels"] = config.num_levels
-  log("rqvae metrics: " + json.dumps(metrics))
-  full = add_unique_level(result.codes, unique_codes)  # rows are items 2..: item-id order
-  metrics["unique_level_codes_used"] = int(full[:, -1].max()) + 1
-  metrics["unique_after_last_level"] = bool(len(np.unique(full, axis=0)) == len(full))
-  metrics["seconds"] = round(time.perf_counter() - start, 1)
-  codes = np.full((len(emb), full.shape[1]), -1, np.int32)
-  codes[NUM_RESERVED_ITEMS:] = full
-  sizes = [config.codebook_size] * config.num_levels + [unique_codes]
-  meta = {"metrics": metrics, "encoder": enc.name, "encoder_fingerprint": enc.fingerprint,
-          "config": dataclasses.asdict(config), "history": result.history}
-  save_semantic_ids(data_dir, name, codes, sizes, meta,
-                    arrays={"embedding_mean": mean, "embedding_std": std})
-  return load_semantic_ids(data_dir, name), metrics
-
-
 __all__ = ["RQVAEConfig", "RQVAE", "kmeans", "train_rqvae", "add_unique_level", "code_metrics",
-           "token_offsets", "PrefixTrie", "SemanticIds", "build_semantic_ids", "load_semantic_ids",
-           "item_embeddings"]
+           "token_offsets", "PrefixTrie", "SemanticIds", "standardize"]

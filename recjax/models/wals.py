@@ -16,10 +16,13 @@ by a few conjugate-gradient iterations warm-started at the previous factors (Tak
 per iteration O(nnz * d + (U + V) * d^2). Everything is one jitted function; the
 host sees the factors only at the end (and the loss, when asked for it).
 
-  model = fit(users, items, num_users=U, num_items=V, dim=64)   # observed pairs
+  model = fit(users, items, num_users=U, num_items=V, config=WALSConfig(dim=64))  # observed pairs
   model.item_factors, model.user_factors, model.loss
-  train_interactions(data_dir)                                  # pairs from a prepared dataset
   normalize_by_mean_norm(model.item_factors)                    # scale for fusion with text
+
+The fitting math only: `merge_pairs` + `init_factors` + `run_sweeps` are the pieces `fit`
+chains, exposed so a driver can checkpoint between sweeps; the `wals` artifact of a prepared
+dataset (its training pairs, checkpoints, evaluation, files) is `recjax.artifacts.wals`.
 """
 
 from __future__ import annotations
@@ -101,11 +104,16 @@ def objective(x, y, users, items, conf, cfg: WALSConfig):
   return observed + full + cfg.l2 * (jnp.sum(x * x) + jnp.sum(y * y))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_users", "num_items", "track_loss"))
-def _fit(users, items, counts, *, cfg: WALSConfig, num_users: int, num_items: int, track_loss: bool):
+def init_factors(cfg: WALSConfig, num_users: int, num_items: int):
+  """The random starting factors (X [U, d], Y [V, d]) of a fit, from cfg.seed."""
   kx, ky = jax.random.split(jax.random.key(cfg.seed))
-  x = cfg.init_scale * jax.random.normal(kx, (num_users, cfg.dim), jnp.float32)
-  y = cfg.init_scale * jax.random.normal(ky, (num_items, cfg.dim), jnp.float32)
+  return (cfg.init_scale * jax.random.normal(kx, (num_users, cfg.dim), jnp.float32),
+          cfg.init_scale * jax.random.normal(ky, (num_items, cfg.dim), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sweeps", "track_loss"))
+def run_sweeps(x, y, users, items, counts, *, cfg: WALSConfig, sweeps: int, track_loss: bool):
+  """`sweeps` alternations from factors (x, y) over merged pairs: (x, y, loss after each)."""
   conf = 1.0 + cfg.alpha * counts
 
   def sweep(carry, _):
@@ -115,14 +123,13 @@ def _fit(users, items, counts, *, cfg: WALSConfig, num_users: int, num_items: in
     loss = objective(x, y, users, items, conf, cfg) if track_loss else jnp.float32(0)
     return (x, y), loss
 
-  (x, y), losses = jax.lax.scan(sweep, (x, y), None, length=cfg.sweeps)
+  (x, y), losses = jax.lax.scan(sweep, (x, y), None, length=sweeps)
   return x, y, losses
 
 
-def fit(users, items, *, num_users: int, num_items: int, config: WALSConfig | None = None,
-        counts=None, track_loss: bool = True) -> WALSModel:
-  """Fits WALS to observed (user, item) pairs; duplicate pairs are merged into counts."""
-  cfg = config or WALSConfig()
+def merge_pairs(users, items, *, num_users: int, num_items: int, counts=None):
+  """Checks observed (user, item) pairs and merges duplicates into counts:
+  (users int32, items int32, counts float32), sorted by pair."""
   users = np.asarray(users, np.int64)
   items = np.asarray(items, np.int64)
   if users.shape != items.shape or users.ndim != 1:
@@ -135,26 +142,19 @@ def fit(users, items, *, num_users: int, num_items: int, config: WALSConfig | No
   weights = np.ones(users.shape, np.float32) if counts is None else np.asarray(counts, np.float32)
   pairs, inverse = np.unique(users * num_items + items, return_inverse=True)
   merged = np.bincount(inverse, weights=weights).astype(np.float32)
-  u, i = (pairs // num_items).astype(np.int32), (pairs % num_items).astype(np.int32)
-  x, y, losses = _fit(jnp.asarray(u), jnp.asarray(i), jnp.asarray(merged), cfg=cfg, num_users=num_users,
-                      num_items=num_items, track_loss=track_loss)
+  return (pairs // num_items).astype(np.int32), (pairs % num_items).astype(np.int32), merged
+
+
+def fit(users, items, *, num_users: int, num_items: int, config: WALSConfig | None = None,
+        counts=None, track_loss: bool = True) -> WALSModel:
+  """Fits WALS to observed (user, item) pairs; duplicate pairs are merged into counts."""
+  cfg = config or WALSConfig()
+  u, i, merged = merge_pairs(users, items, num_users=num_users, num_items=num_items, counts=counts)
+  x, y = init_factors(cfg, num_users, num_items)
+  x, y, losses = run_sweeps(x, y, jnp.asarray(u), jnp.asarray(i), jnp.asarray(merged), cfg=cfg,
+                            sweeps=cfg.sweeps, track_loss=track_loss)
   return WALSModel(np.asarray(x), np.asarray(y), [float(v) for v in np.asarray(losses)] if track_loss else [],
                    cfg)
-
-
-def train_interactions(data_dir) -> tuple[np.ndarray, np.ndarray, int, int]:
-  """(users, items, num_users, vocab_size) of a prepared dataset's training part: every
-  user's items except the last two (validation and test targets), so evaluation on either
-  split never sees its target."""
-  from recjax.data.prepared import PreparedDataset
-  ds = PreparedDataset(data_dir)
-  table = ds.sequences(["user_id", "items"]).to_pydict()
-  users, items = [], []
-  for u, seq in zip(table["user_id"], table["items"]):
-    train = seq[:-2]
-    users.extend([u] * len(train))
-    items.extend(train)
-  return np.asarray(users, np.int64), np.asarray(items, np.int64), ds.num_users, ds.vocab_size
 
 
 def normalize_by_mean_norm(vectors: np.ndarray, rows=None) -> np.ndarray:
@@ -166,36 +166,3 @@ def normalize_by_mean_norm(vectors: np.ndarray, rows=None) -> np.ndarray:
   if mean <= 0:
     raise ValueError("cannot normalise all-zero vectors")
   return v / mean
-
-
-def evaluate(model: WALSModel, data_dir, *, split: str = "test", k: int = 10, chunk: int = 2048) -> dict:
-  """Full-catalog HR@k / NDCG@k of the held-out item of `split` (test: the last item,
-  validation: the one before), each user's earlier items excluded, next to popularity.
-  The factors come from the training part (`train_interactions`) either way."""
-  from recjax.data.prepared import PreparedDataset
-  if split not in ("test", "validation"):
-    raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
-  ds = PreparedDataset(data_dir)
-  table = ds.sequences(["user_id", "items"]).to_pydict()
-  cut = -1 if split == "test" else -2
-  users = np.asarray(table["user_id"])
-  targets = np.asarray([seq[cut] for seq in table["items"]])
-  histories = [seq[:cut] for seq in table["items"]]
-  train_users, train_items, _, vocab = train_interactions(data_dir)
-  popularity = np.bincount(train_items, minlength=vocab).astype(np.float32)
-  out = {}
-  for name, score_fn in (("wals", lambda rows: model.user_factors[users[rows]] @ model.item_factors.T),
-                         ("popularity", lambda rows: np.broadcast_to(popularity, (len(rows), vocab)).copy())):
-    hits, ndcg = 0.0, 0.0
-    for start in range(0, len(users), chunk):
-      rows = np.arange(start, min(start + chunk, len(users)))
-      s = score_fn(rows)
-      s[:, :2] = -np.inf  # PAD, MASK
-      for j, r in enumerate(rows):
-        s[j, histories[r]] = -np.inf
-      target_score = s[np.arange(len(rows)), targets[rows]]
-      rank = (s >= target_score[:, None]).sum(1) - 1  # pessimistic ties, as recjax.evaluation
-      hits += float((rank < k).sum())
-      ndcg += float(np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0).sum())
-    out[name] = {f"hr@{k}": hits / len(users), f"ndcg@{k}": ndcg / len(users), "count": len(users)}
-  return out
