@@ -535,3 +535,15 @@ def test_tiger_sigterm_checkpoints_at_the_stop_step_and_infer_writes_beams(tsid,
   rows = [json.loads(l) for l in (tmp_path / f"infer_test_step_{stopped}.jsonl").read_text().splitlines()]
   assert len(rows) == 300 and all(1 <= len(r["items"]) <= 5 for r in rows)
   assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
+
+
+def test_tiger_refuses_semantic_ids_of_a_re_prepared_dataset(synthetic_raw, synthetic_prepared, tmp_path):
+  from recjax.data import prepare
+  data = copy_with_random_ids(synthetic_prepared["synthetic"], tmp_path / "syn")
+  # Re-prepared in place with other content (a stricter k-core): the IDs no longer describe it.
+  prepare.prepare("amazon2018", synthetic_raw / "amazon2018" / "Synthetic.json.gz", data,
+                  options=prepare.PrepareOptions(kcore=6))
+  out = recjax("train", *TIGER, "--gin.TRAIN_STEPS=2", f"--gin.MODEL_DIR={tmp_path / 'm'}", dataset=data)
+  assert out.returncode == 2, out.stderr[-2000:]
+  (line,) = [l for l in out.stderr.splitlines() if l.startswith("recjax train: error:")]
+  assert "semantic_ids artifact 'rand'" in line and "rebuild it with `recjax fit" in line, line
