@@ -252,6 +252,7 @@ class Flare(bert4rec.Bert4Rec):
   output_text: bool = False
 
   def __post_init__(self):
+    super().__post_init__()
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"Flare.alpha must be in [0, 1], got {self.alpha}")
     if self.temperature <= 0:
@@ -276,8 +277,9 @@ class Flare(bert4rec.Bert4Rec):
   def frozen_inputs(self, task_name: str) -> dict:
     """Cached token states of every item text (and critique string, for critique tasks):
     {"item_text": ([V, T, Dt], axes), "item_text_mask": ([V, T] bool, axes), ...}."""
+    popularity = super().frozen_inputs(task_name)  # a sampled loss's popularity tables
     if not self.use_text:
-      return {}
+      return popularity
     arrays = text_states(task_name, encoder=self.text_encoder, item_length=self.item_text_length,
                          critique_length=self.critique_length, cache_dir=self.text_cache_dir,
                          rows=self.padded_vocab_size)
@@ -287,7 +289,7 @@ class Flare(bert4rec.Bert4Rec):
     axes = {"item_text": ("item", None, None), "item_text_mask": ("item", None),
             "critique_text": (None, None, None), "critique_text_mask": (None, None),
             "item_sentence": ("item", None)}
-    return {k: (v, axes[k]) for k, v in arrays.items()}
+    return {**popularity, **{k: (v, axes[k]) for k, v in arrays.items()}}
 
   # -- model protocol --------------------------------------------------------------------
 
@@ -317,7 +319,9 @@ class Flare(bert4rec.Bert4Rec):
     context = self._context(net, batch, deterministic=deterministic, rngs=rngs)
     hidden = net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
                         deterministic=deterministic, rngs=rngs, extra=context)
-    cloze, metrics = self.cloze_loss(net, hidden, batch)
+    # A sampled loss draws its negatives from a stream of its own.
+    neg_rng = None if deterministic else jax.random.fold_in(rng, 0x5A3)
+    cloze, metrics = self.cloze_loss(net, hidden, batch, neg_rng)
     if context is None or self.alpha == 1.0:
       return cloze, metrics
     nce, count = self.contrastive_loss(net, context, batch, rng)
