@@ -66,7 +66,7 @@ def test_every_row_touched_lazy_adagrad_equals_optax_adagrad():
                              atol=1e-6)
 
 
-@pytest.mark.parametrize("max_rows", [8, 3, 0])  # room for the rows; overflow -> masked; masked
+@pytest.mark.parametrize("max_rows", [8, 4, 0])  # room for the rows; exactly; masked over the table
 def test_untouched_rows_stay_and_touched_rows_follow_adam(max_rows):
   rows = np.array([1, 5, 6, 20])
   params = _params()
@@ -82,7 +82,17 @@ def test_untouched_rows_stay_and_touched_rows_follow_adam(max_rows):
   others = np.setdiff1d(np.arange(24), rows)
   np.testing.assert_array_equal(t[others], t0[others])
   assert np.all(np.asarray(state.mu["items"]["embedding"])[others] == 0)
-  assert int(state.count) == 4
+  assert int(state.count) == 4 and int(state.dropped_rows) == 0
+
+
+def test_rows_past_the_capacity_are_counted():
+  params = _params()
+  table = {"items": params["items"]}
+  grads = [{"items": g["items"]} for g in _grads(params, 2, np.array([1, 5, 6, 20]))]
+  got, state = _run(sparse.lazy("adam", 1e-2, max_rows=3), table, grads)
+  assert int(state.dropped_rows) == 2  # one row over, twice
+  t, t0 = np.asarray(got["items"]["embedding"]), np.asarray(params["items"]["embedding"])
+  assert np.all(t[20] == t0[20]) and np.all(t[[1, 5, 6]] != t0[[1, 5, 6]])  # the lowest ids fit
 
 
 _MESH_SCRIPT = textwrap.dedent("""
@@ -114,7 +124,8 @@ _MESH_SCRIPT = textwrap.dedent("""
     table = lambda s: np.asarray(s.params["items"]["embedding"])
     _, one = run(jax.devices()[:1], 6)
     tr, half = run(jax.devices()[:2], 3)
-    spec = str(half.opt_state[1].inner_states["rows"].inner_state.mu["items"]["embedding"].sharding.spec)
+    rows_state = half.opt_state[1].inner_states["rows"].inner_state
+    spec = str(rows_state.mu["items"]["embedding"].sharding.spec)
     d = tempfile.mkdtemp()
     ck = ckpt_lib.Checkpointer(d)
     with jax.set_mesh(tr.abstract_state.step.sharding.mesh):
@@ -125,6 +136,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     _, dense_init = run(jax.devices()[:1], 0)
     print("RESULT " + json.dumps({"spec": spec, "step": int(resumed.step),
         "max_diff": float(np.abs(table(one) - table(resumed)).max()),
+        "dropped": int(resumed.opt_state[1].inner_states["rows"].inner_state.dropped_rows),
         "rows_changed": int((np.abs(table(one) - table(dense_init)).sum(1) > 0).sum())}))
 """)
 
@@ -137,7 +149,7 @@ def test_sharded_resumed_sparse_training_matches_one_device(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.split("RESULT ", 1)[1])
   assert "model" in result["spec"]  # the moments are sharded like the table
-  assert result["step"] == 6
+  assert result["step"] == 6 and result["dropped"] == 0
   assert result["max_diff"] < 1e-5, result
   # Sampled softmax + lazy rows: only the rows the 6 steps used moved (of 512).
   assert 0 < result["rows_changed"] < 400, result

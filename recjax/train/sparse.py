@@ -10,9 +10,12 @@ every gradient, the learning-rate schedule is shared, and bias correction counts
 steps, so when every row is touched each step, `lazy adam` equals the dense AdamW and
 `lazy adagrad` equals optax.adagrad (tests/test_sparse.py).
 
-Rows are found from the gradient (rows whose gradient is not all zero), gathered into a
-static capacity `max_rows`; a step that touches more rows falls back to the same update
-applied with a mask over the whole table (exact, dense cost). The moments live in the
+Rows are found from the gradient (rows whose gradient is not all zero) and gathered into
+a static capacity of `max_rows` rows: set it above a step's inputs + targets + negatives.
+Touched rows past the capacity are not updated that step; the state counts them
+(`dropped_rows`, which must stay 0: a fallback inside the step, a cond or a loop over
+windows, made XLA copy the whole table and cost more than the dense update).
+max_rows=0 applies the update with a mask over the whole table instead (exact, dense cost). The moments live in the
 optimizer state with the table's shape and logical axes, so they shard like the table on
 `model`, are checkpointed with the state and resume exactly. A row with a zero gradient
 keeps its moments and its value (no momentum drift, no weight decay): that is what lazy
@@ -40,15 +43,20 @@ class LazyState(NamedTuple):
   count: jax.Array  # steps taken (int32): the bias correction and schedule use global steps
   mu: Any  # Adam's first moment / Adagrad's sum of squares, shaped like the tables
   nu: Any  # Adam's second moment (zeros of shape () for Adagrad)
+  dropped_rows: jax.Array  # touched rows past max_rows, summed over steps: must stay 0
 
 
-def touched_rows(grad, max_rows: int):
-  """(row ids [k], overflow): rows with a nonzero gradient, padded with an out-of-range id."""
-  v = grad.shape[0]
-  touched = jnp.any(grad != 0, axis=tuple(range(1, grad.ndim)))
-  k = min(max_rows, v) if max_rows > 0 else v
-  (index,) = jnp.nonzero(touched, size=k, fill_value=v)
-  return index, jnp.sum(touched) > k
+def _touched(grad):
+  """[V] bool: rows whose gradient is not all zero (max |g|: no underflow, one pass)."""
+  return jnp.max(jnp.abs(grad).reshape(grad.shape[0], -1), axis=1) > 0
+
+
+def touched_window(touched, start, k: int):
+  """Row ids [k] of the touched rows ranked [start, start + k), padded with V (dropped)."""
+  v = touched.shape[0]
+  rank = jnp.cumsum(touched.astype(jnp.int32)) - 1 - start
+  slot = jnp.where(touched & (rank >= 0) & (rank < k), rank, k)
+  return jnp.full((k,), v, jnp.int32).at[slot].set(jnp.arange(v, dtype=jnp.int32), mode="drop")
 
 
 def lazy(kind: str, learning_rate, *, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8,
@@ -65,10 +73,10 @@ def lazy(kind: str, learning_rate, *, b1: float = 0.9, b2: float = 0.99, eps: fl
   def init(params):
     if kind == "adam":
       return LazyState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
-                       jax.tree.map(jnp.zeros_like, params))
+                       jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
     return LazyState(jnp.zeros((), jnp.int32),
                      jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator_value), params),
-                     jax.tree.map(lambda p: jnp.zeros((), p.dtype), params))
+                     jax.tree.map(lambda p: jnp.zeros((), p.dtype), params), jnp.zeros((), jnp.int32))
 
   def rows_update(g, m, n, p, t, lr):
     """Updated (delta, m, n) of some rows: g, m, p [k, ...]; n like m (adam) or ()."""
@@ -83,26 +91,21 @@ def lazy(kind: str, learning_rate, *, b1: float = 0.9, b2: float = 0.99, eps: fl
     return -lr * jnp.where(m > 0, jax.lax.rsqrt(m + adagrad_eps), 0.0) * g, m, n
 
   def leaf(g, m, n, p, t, lr):
-    def sparse(_):
-      index, _ = touched_rows(g, max_rows)
-      take = lambda x: x.at[index].get(mode="fill", fill_value=0)
-      delta, m_k, n_k = rows_update(take(g), take(m), take(n) if kind == "adam" else n, take(p), t, lr)
-      put = lambda x, rows: x.at[index].set(rows, mode="drop")
-      # Zeros plus a scatter-add: XLA folds `params + updates` into an in-place scatter.
-      updates = jnp.zeros_like(p).at[index].add(delta, mode="drop")
-      return updates, put(m, m_k), put(n, n_k) if kind == "adam" else n
-
-    def masked(_):
-      rows = jnp.any(g != 0, axis=tuple(range(1, g.ndim)))
-      hit = rows.reshape(-1, *([1] * (g.ndim - 1)))
+    touched = _touched(g)
+    if max_rows <= 0:  # masked over the whole table
+      hit = touched.reshape(-1, *([1] * (g.ndim - 1)))
       delta, m_new, n_new = rows_update(g, m, n, p, t, lr)
       return (jnp.where(hit, delta, 0).astype(p.dtype), jnp.where(hit, m_new, m),
-              jnp.where(hit, n_new, n) if kind == "adam" else n)
-
-    if max_rows <= 0:
-      return masked(None)
-    _, overflow = touched_rows(g, max_rows)
-    return jax.lax.cond(overflow, masked, sparse, None)
+              jnp.where(hit, n_new, n) if kind == "adam" else n, jnp.zeros((), jnp.int32))
+    k = min(max_rows, g.shape[0])
+    index = touched_window(touched, 0, k)
+    take = lambda x: x.at[index].get(mode="fill", fill_value=0)
+    delta, m_k, n_k = rows_update(take(g), take(m), take(n) if kind == "adam" else n, take(p), t, lr)
+    put = lambda x, rows: x.at[index].set(rows, mode="drop")
+    # Zeros plus a scatter-add: XLA folds `params + updates` into an in-place scatter.
+    updates = jnp.zeros_like(p).at[index].add(delta, mode="drop")
+    dropped = jnp.maximum(jnp.sum(touched.astype(jnp.int32)) - k, 0)
+    return updates, put(m, m_k), put(n, n_k) if kind == "adam" else n, dropped
 
   def update(updates, state, params=None):
     if params is None:
@@ -114,7 +117,8 @@ def lazy(kind: str, learning_rate, *, b1: float = 0.9, b2: float = 0.99, eps: fl
     treedef = jax.tree.structure(updates)
     flat = treedef.flatten_up_to(out)
     pick = lambda i: treedef.unflatten([f[i] for f in flat])
-    return pick(0), LazyState(t, pick(1), pick(2))
+    dropped = sum((f[3] for f in flat), jnp.zeros((), jnp.int32))
+    return pick(0), LazyState(t, pick(1), pick(2), state.dropped_rows + dropped)
 
   return optax.GradientTransformation(init, update)
 
