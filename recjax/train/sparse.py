@@ -90,29 +90,33 @@ def lazy(kind: str, learning_rate, *, b1: float = 0.9, b2: float = 0.99, eps: fl
     m = m + g * g
     return -lr * jnp.where(m > 0, jax.lax.rsqrt(m + adagrad_eps), 0.0) * g, m, n
 
-  def leaf(g, m, n, p, t, lr):
+  def leaf(g, m, n, p, t, lr, scale):
     touched = _touched(g)
     if max_rows <= 0:  # masked over the whole table
       hit = touched.reshape(-1, *([1] * (g.ndim - 1)))
-      delta, m_new, n_new = rows_update(g, m, n, p, t, lr)
+      delta, m_new, n_new = rows_update(scale(g), m, n, p, t, lr)
       return (jnp.where(hit, delta, 0).astype(p.dtype), jnp.where(hit, m_new, m),
               jnp.where(hit, n_new, n) if kind == "adam" else n, jnp.zeros((), jnp.int32))
     k = min(max_rows, g.shape[0])
     index = touched_window(touched, 0, k)
     take = lambda x: x.at[index].get(mode="fill", fill_value=0)
-    delta, m_k, n_k = rows_update(take(g), take(m), take(n) if kind == "adam" else n, take(p), t, lr)
+    delta, m_k, n_k = rows_update(scale(take(g)), take(m), take(n) if kind == "adam" else n, take(p), t, lr)
     put = lambda x, rows: x.at[index].set(rows, mode="drop")
     # Zeros plus a scatter-add: XLA folds `params + updates` into an in-place scatter.
     updates = jnp.zeros_like(p).at[index].add(delta, mode="drop")
     dropped = jnp.maximum(jnp.sum(touched.astype(jnp.int32)) - k, 0)
     return updates, put(m, m_k), put(n, n_k) if kind == "adam" else n, dropped
 
-  def update(updates, state, params=None):
+  def update(updates, state, params=None, *, grad_scale=None, **extra):
+    """grad_scale: a factor on the gradient (global-norm clipping), applied to the
+    gathered rows only, so no scaled copy of the whole table's gradient is made."""
+    del extra
     if params is None:
       raise ValueError("the lazy row optimizer needs the parameters (weight decay, in-place rows)")
     t = state.count + 1
     lr = schedule(state.count)
-    out = jax.tree.map(lambda g, m, n, p: leaf(g, m, n, p, t.astype(jnp.float32), lr),
+    scale = (lambda g: g) if grad_scale is None else (lambda g: g * grad_scale.astype(g.dtype))
+    out = jax.tree.map(lambda g, m, n, p: leaf(g, m, n, p, t.astype(jnp.float32), lr, scale),
                        updates, state.mu, state.nu, params)
     treedef = jax.tree.structure(updates)
     flat = treedef.flatten_up_to(out)
@@ -120,7 +124,7 @@ def lazy(kind: str, learning_rate, *, b1: float = 0.9, b2: float = 0.99, eps: fl
     dropped = sum((f[3] for f in flat), jnp.zeros((), jnp.int32))
     return pick(0), LazyState(t, pick(1), pick(2), state.dropped_rows + dropped)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _is_table(path) -> bool:
@@ -142,6 +146,22 @@ def make_optimizer(total_steps: int, *, rows: str = "adam", max_rows: int = 0, l
   def labels(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: "rows" if _is_table(path) else "dense", params)
 
-  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-  parts.append(optax.multi_transform({"rows": row_tx, "dense": dense}, labels))
-  return optax.chain(*parts), lr
+  inner = optax.multi_transform({"rows": row_tx, "dense": dense}, labels)
+  if not clip_norm:
+    return inner, lr
+
+  def init(params):
+    return optax.EmptyState(), inner.init(params)  # the (clip, partition) layout of a chain
+
+  def update(grads, state, params=None):
+    # optax.clip_by_global_norm, except that the item tables' gradients are scaled only
+    # at the rows the lazy update gathers (a scaled [V, D] copy costs a pass over it).
+    norm = optax.tree.norm(grads)
+    scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+    grads = jax.tree_util.tree_map_with_path(
+        lambda path, g: g if _is_table(path) else jnp.where(norm < clip_norm, g, (g / norm.astype(g.dtype)) * clip_norm),
+        grads)
+    updates, inner_state = inner.update(grads, state[1], params, grad_scale=scale)
+    return updates, (state[0], inner_state)
+
+  return optax.GradientTransformation(init, update), lr
