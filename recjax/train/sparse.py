@@ -14,9 +14,11 @@ Rows are found from the gradient (rows whose gradient is not all zero) and gathe
 a static capacity of `max_rows` rows: set it above a step's inputs + targets + negatives.
 Touched rows past the capacity are not updated that step; the state counts them
 (`dropped_rows`, which must stay 0: a fallback inside the step, a cond or a loop over
-windows, made XLA copy the whole table and cost more than the dense update).
-max_rows=0 applies the update with a mask over the whole table instead (exact, dense cost). The moments live in the
-optimizer state with the table's shape and logical axes, so they shard like the table on
+windows, made XLA copy the whole table and cost more than the dense update). max_rows=0
+applies the update with a mask over the whole table instead (exact, dense cost).
+
+Still O(V) per step: autodiff hands over the table's gradient densely ([V, D]), read twice
+here (global norm, touched rows). The moments live in the optimizer state with the table's shape and logical axes, so they shard like the table on
 `model`, are checkpointed with the state and resume exactly. A row with a zero gradient
 keeps its moments and its value (no momentum drift, no weight decay): that is what lazy
 means, and what differs from the dense optimizer on rows a step never touched.
