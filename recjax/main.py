@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--learning_rate", type=float, default=1e-3)
   q.add_argument("--num_negatives", type=int, default=0,
                  help="SASRec: sampled softmax over this many shared uniform negatives (0 = full catalog)")
+  q.add_argument("--negatives", default="uniform", choices=["uniform", "popularity", "mixed"],
+                 help="how the sampled negatives are drawn")
+  q.add_argument("--in_batch_negatives", type=int, default=0, help="the step's own targets as negatives too")
+  q.add_argument("--sparse_rows", type=int, default=0,
+                 help="> 0: lazy row-wise Adam for the item tables with this row capacity per step")
   q.add_argument("--peak_gflops", type=float, default=125.0,
                  help="the machine's float32 matmul peak, for model-FLOPs utilisation")
   q.set_defaults(func=cmd_bench_train)
@@ -619,7 +624,8 @@ def cmd_bench_train(args) -> None:
   train.run(task, model=args.model, budget_s=args.budget_s, eval_every_s=args.eval_every_s,
             batch_size=args.batch_size, length=args.length, dim=args.dim, dropout=args.dropout,
             learning_rate=args.learning_rate, peak_gflops=args.peak_gflops, max_steps=args.max_steps,
-            num_negatives=args.num_negatives)
+            num_negatives=args.num_negatives, negatives=args.negatives,
+            in_batch_negatives=args.in_batch_negatives, sparse_rows=args.sparse_rows)
 
 
 def cmd_bench_scale(args) -> None:
