@@ -60,21 +60,22 @@ def random_batch(vocab_size: int, batch_size: int, length: int, mask_prob: float
   return out
 
 
-def _model(name: str, vocab_size: int, length: int, dim: int, loss: str = "full", num_negatives: int = 1024):
+def _model(name: str, vocab_size: int, length: int, dim: int, loss: str = "full", num_negatives: int = 1024,
+           loss_chunk: int = 0):
   from recjax.models import bert4rec, sasrec
   cls = {"bert4rec": bert4rec.Bert4Rec, "sasrec": sasrec.SASRec}[name]
   extra = {"num_negatives": num_negatives} if loss == "sampled" else {}
-  return cls(vocab_size=vocab_size, max_length=length, dim=dim, loss=loss, **extra)
+  return cls(vocab_size=vocab_size, max_length=length, dim=dim, loss=loss, loss_chunk=loss_chunk, **extra)
 
 
 def point(*, vocab_size: int, model: str = "bert4rec", batch_size: int = 32, length: int = 50, dim: int = 64,
           steps: int = 5, model_axis: int = 1, loss: str = "full", optimizer: str = "dense",
-          num_negatives: int = 1024) -> dict:
+          num_negatives: int = 1024, loss_chunk: int = 0) -> dict:
   """Step time and per-device memory of one configuration (in this process)."""
   from recjax.train import loop
   from recjax.train import mesh as mesh_lib
   from recjax.train import sparse
-  net_model = _model(model, vocab_size, length, dim, loss, num_negatives)
+  net_model = _model(model, vocab_size, length, dim, loss, num_negatives, loss_chunk)
   mesh = mesh_lib.create_mesh(data=1, fsdp=-1, model=model_axis)
   if optimizer not in ("dense", "sparse"):
     raise ValueError(f"optimizer must be dense or sparse, got {optimizer!r}")
