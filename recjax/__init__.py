@@ -58,4 +58,10 @@ class _QuietTensorFlow(_abc.MetaPathFinder, _abc.Loader):
 if "tensorflow" not in _sys.modules and not _os.environ.get("RECJAX_TF_LOGS"):
   _sys.meta_path.insert(0, _QuietTensorFlow())
 
+# Before JAX / TensorFlow start threads: XLA's per-step host buffers are reused instead of
+# mapped and page-faulted in every step (recjax/host_memory.py; RECJAX_TUNE_MALLOC=0: off).
+from recjax import host_memory as _host_memory
+
+_host_memory.tune_malloc()
+
 __version__ = "0.1.0"

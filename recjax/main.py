@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--learning_rate", type=float, default=1e-3)
   q.add_argument("--num_negatives", type=int, default=0,
                  help="SASRec: sampled softmax over this many shared uniform negatives (0 = full catalog)")
+  q.add_argument("--negatives", default="uniform", choices=["uniform", "popularity", "mixed"],
+                 help="how the sampled negatives are drawn")
+  q.add_argument("--in_batch_negatives", type=int, default=0, help="the step's own targets as negatives too")
+  q.add_argument("--sparse_rows", type=int, default=0,
+                 help="> 0: lazy row-wise Adam for the item tables with this row capacity per step")
   q.add_argument("--peak_gflops", type=float, default=125.0,
                  help="the machine's float32 matmul peak, for model-FLOPs utilisation")
   q.set_defaults(func=cmd_bench_train)
@@ -201,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--device_items", type=int, default=376_000, help="catalog size of the device sweep")
   q.add_argument("--model", default="bert4rec", choices=["bert4rec", "sasrec"])
   q.add_argument("--batch_size", type=int, default=32)
+  q.add_argument("--losses", default="full", help="comma-separated output losses: full,chunked,sampled")
+  q.add_argument("--optimizers", default="dense", help="comma-separated item-table updates: dense,sparse")
+  q.add_argument("--num_negatives", type=int, default=1024, help="negatives of the sampled loss")
+  q.add_argument("--isolate", action="store_true", help="each catalog point in a fresh process (peak RSS)")
   q.set_defaults(func=cmd_bench_scale)
   q = bench_sub.add_parser("all", help="every benchmark in turn (JSON lines in --results), then the report",
                            description="Runs pipeline, step (packed/padded), ranking, scale and train (recjax "
@@ -569,14 +578,17 @@ def cmd_bench_train(args) -> None:
   train.run(task, model=args.model, budget_s=args.budget_s, eval_every_s=args.eval_every_s,
             batch_size=args.batch_size, length=args.length, dim=args.dim, dropout=args.dropout,
             learning_rate=args.learning_rate, peak_gflops=args.peak_gflops, max_steps=args.max_steps,
-            num_negatives=args.num_negatives)
+            num_negatives=args.num_negatives, negatives=args.negatives,
+            in_batch_negatives=args.in_batch_negatives, sparse_rows=args.sparse_rows)
 
 
 def cmd_bench_scale(args) -> None:
   from recjax.bench import scale  # pylint: disable=g-import-not-at-top
   scale.run(vocab_sizes=[int(x) for x in args.items.split(",")],
             device_counts=[int(x) for x in args.devices.split(",") if x],
-            device_vocab_size=args.device_items, model=args.model, batch_size=args.batch_size)
+            device_vocab_size=args.device_items, model=args.model, batch_size=args.batch_size,
+            losses=args.losses.split(","), optimizers=args.optimizers.split(","), isolate=args.isolate,
+            num_negatives=args.num_negatives)
 
 
 def cmd_bench_all(args) -> None:

@@ -63,6 +63,18 @@ def test_scale_point_shards_the_item_table():
   assert one["step_s"] > 0 and one["temp_mib_per_device"] > 0
 
 
+def test_scale_variants_losses_and_sparse_updates():
+  from recjax.bench import scale
+  rows = scale.run(vocab_sizes=(3000,), device_counts=(), batch_size=4, steps=1, length=10, dim=8,
+                   losses=("full", "chunked", "sampled"), optimizers=("dense", "sparse"), num_negatives=64,
+                   loss_chunk=256)
+  got = {(r["loss"], r["optimizer"]): r for r in rows}
+  assert len(got) == 6 and all(r["step_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+  assert got[("sampled", "dense")]["num_negatives"] == 64 and got[("full", "dense")]["num_negatives"] == 0
+  # The chunked loss never holds the [positions x catalogue] logits.
+  assert got[("chunked", "dense")]["temp_mib_per_device"] < got[("full", "dense")]["temp_mib_per_device"]
+
+
 def test_report_writes_tables_and_figures(train_rows, tmp_path):
   from recjax.bench import suite
   results = tmp_path / "results"

@@ -11,14 +11,22 @@ Two sweeps, one JSON object per point:
 
 Memory per device is XLA's compiled view of the step: `arguments` (parameters, optimizer
 state, batch), `temp` (activations, logits, gradients), both per device; `item_table_mib`
-is one device's shard of the item embedding. CPU "devices" share the same cores, so the
-device sweep shows memory splitting and the cost of the collectives, not a speed-up.
+is one device's shard of the item embedding; `peak_rss_mib` the process's peak resident
+memory (per point with `isolate`: each point in a fresh process). CPU "devices" share the
+same cores, so the device sweep shows memory splitting and the cost of the collectives,
+not a speed-up.
+
+Variants (`losses`, `optimizers`): the output layer's loss (full [P, V] logits, chunked
+exact, sampled over `num_negatives` shared uniform ids; recjax/models/losses.py) and the
+item tables' update (dense AdamW, or sparse: lazy row-wise Adam, recjax/train/sparse.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,20 +60,29 @@ def random_batch(vocab_size: int, batch_size: int, length: int, mask_prob: float
   return out
 
 
-def _model(name: str, vocab_size: int, length: int, dim: int):
+def _model(name: str, vocab_size: int, length: int, dim: int, loss: str = "full", num_negatives: int = 1024,
+           loss_chunk: int = 0):
   from recjax.models import bert4rec, sasrec
   cls = {"bert4rec": bert4rec.Bert4Rec, "sasrec": sasrec.SASRec}[name]
-  return cls(vocab_size=vocab_size, max_length=length, dim=dim)
+  extra = {"num_negatives": num_negatives} if loss == "sampled" else {}
+  return cls(vocab_size=vocab_size, max_length=length, dim=dim, loss=loss, loss_chunk=loss_chunk, **extra)
 
 
 def point(*, vocab_size: int, model: str = "bert4rec", batch_size: int = 32, length: int = 50, dim: int = 64,
-          steps: int = 5, model_axis: int = 1) -> dict:
+          steps: int = 5, model_axis: int = 1, loss: str = "full", optimizer: str = "dense",
+          num_negatives: int = 1024, loss_chunk: int = 0) -> dict:
   """Step time and per-device memory of one configuration (in this process)."""
   from recjax.train import loop
   from recjax.train import mesh as mesh_lib
-  net_model = _model(model, vocab_size, length, dim)
+  from recjax.train import sparse
+  net_model = _model(model, vocab_size, length, dim, loss, num_negatives, loss_chunk)
   mesh = mesh_lib.create_mesh(data=1, fsdp=-1, model=model_axis)
-  trainer = loop.Trainer(net_model, mesh, mesh_lib.DEFAULT_RULES, total_steps=10**6)
+  if optimizer not in ("dense", "sparse"):
+    raise ValueError(f"optimizer must be dense or sparse, got {optimizer!r}")
+  # Sparse: room for every row a step can touch (inputs, targets, negatives).
+  max_rows = 2 * batch_size * length + (num_negatives if loss == "sampled" else 0)
+  opt = loop.make_optimizer if optimizer == "dense" else functools.partial(sparse.make_optimizer, max_rows=max_rows)
+  trainer = loop.Trainer(net_model, mesh, mesh_lib.DEFAULT_RULES, total_steps=10**6, optimizer_fn=opt)
   # SASRec scores every position; Bert4Rec the masked ones.
   batch = random_batch(vocab_size, batch_size, length, mask_prob=1.0 if model == "sasrec" else 0.2)
   with jax.set_mesh(mesh):
@@ -87,7 +104,9 @@ def point(*, vocab_size: int, model: str = "bert4rec", batch_size: int = 32, len
   items = float((batch["segment_ids"] > 0).sum())
   step_s = statistics.median(times)
   return {"bench": "scale", "model": model, "vocab_size": vocab_size, "devices": len(jax.devices()),
-          "mesh": dict(mesh.shape), "batch_size": batch_size, "length": length, "dim": dim,
+          "mesh": dict(mesh.shape), "batch_size": batch_size, "length": length, "dim": dim, "loss": loss,
+          "optimizer": optimizer, "num_negatives": num_negatives if loss == "sampled" else 0,
+          "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
           "step_s": round(step_s, 4), "items_per_s": round(items / step_s, 1),
           "item_table_mib": round(shard.nbytes / MIB, 2), "item_table_shard_rows": int(shard.shape[0]),
           "arguments_mib_per_device": None if mem is None else round(mem.argument_size_in_bytes / MIB, 1),
@@ -96,7 +115,9 @@ def point(*, vocab_size: int, model: str = "bert4rec", batch_size: int = 32, len
 
 def devices_point(count: int, **kwargs) -> dict:
   """`point` in a subprocess with `count` CPU devices and the item table sharded over them."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if count > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
   args = json.dumps(dict(kwargs, model_axis=count))
   out = subprocess.run([sys.executable, "-m", "recjax.bench.scale", args], capture_output=True, text=True,
                        env=env, check=False)
@@ -107,13 +128,18 @@ def devices_point(count: int, **kwargs) -> dict:
 
 def run(*, vocab_sizes=(12_101, 100_000, 376_000, 1_000_000), device_counts=(1, 2, 4, 8),
         device_vocab_size: int = 376_000, model: str = "bert4rec", batch_size: int = 32, steps: int = 5,
-        **shape):
-  """Both sweeps; `shape` (length, dim) passes through to `point`."""
+        losses=("full",), optimizers=("dense",), isolate: bool = False, **shape):
+  """Both sweeps; the catalog sweep for every (loss, optimizer) pair; `shape` (length,
+  dim, num_negatives) passes through to `point`. isolate: each catalog point in a fresh
+  process (its own peak memory)."""
   rows = []
-  for v in vocab_sizes:
-    rows.append(dict(point(vocab_size=v, model=model, batch_size=batch_size, steps=steps, **shape),
-                     sweep="catalog"))
-    print(json.dumps(rows[-1]), flush=True)
+  for loss in losses:
+    for optimizer in optimizers:
+      for v in vocab_sizes:
+        kw = dict(vocab_size=v, model=model, batch_size=batch_size, steps=steps, loss=loss, optimizer=optimizer,
+                  **shape)
+        rows.append(dict(devices_point(1, **kw) if isolate else point(**kw), sweep="catalog"))
+        print(json.dumps(rows[-1]), flush=True)
   for n in device_counts:
     rows.append(dict(devices_point(n, vocab_size=device_vocab_size, model=model, batch_size=batch_size,
                                    steps=steps, **shape), sweep="devices"))

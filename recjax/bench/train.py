@@ -19,6 +19,7 @@ is constant as well).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -28,12 +29,13 @@ import numpy as np
 MODELS = ("sasrec", "bert4rec")
 
 
-def _model(name: str, vocab_size: int, length: int, dim: int, dropout: float, num_negatives: int = 0):
+def _model(name: str, vocab_size: int, length: int, dim: int, dropout: float, num_negatives: int = 0,
+           **loss):
   from recjax.models import bert4rec, sasrec
   cls = {"sasrec": sasrec.SASRec, "bert4rec": bert4rec.Bert4Rec}.get(name)
   if cls is None:
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
-  extra = {}
+  extra = dict(loss)  # negatives, in_batch_negatives (recjax/models/losses.py)
   if num_negatives:
     if cls is not sasrec.SASRec:
       raise ValueError("num_negatives (sampled softmax) is a SASRec option")
@@ -62,7 +64,12 @@ def _print(row: dict) -> dict:
 def run(task: str, *, model: str = "sasrec", budget_s: float = 900.0, eval_every_s: float = 150.0,
         batch_size: int = 128, length: int = 50, dim: int = 64, dropout: float = 0.3,
         learning_rate: float = 1e-3, warmup_steps: int = 100, peak_gflops: float = 125.0,
-        seed: int = 0, max_steps: int | None = None, num_negatives: int = 0) -> list[dict]:
+        seed: int = 0, max_steps: int | None = None, num_negatives: int = 0, negatives: str = "uniform",
+        in_batch_negatives: int = 0, sparse_rows: int = 0) -> list[dict]:
+  """Trains for `budget_s` seconds, evaluating the test split as it goes (JSON lines).
+  num_negatives / negatives / in_batch_negatives: a sampled softmax (recjax/models/losses.py);
+  sparse_rows > 0: lazy row-wise Adam for the item tables with that row capacity
+  (recjax/train/sparse.py)."""
   from recjax.data import pipeline
   from recjax.evaluation import evaluate
   from recjax.models import bert4rec
@@ -70,12 +77,15 @@ def run(task: str, *, model: str = "sasrec", budget_s: float = 900.0, eval_every
   from recjax.train import mesh as mesh_lib
 
   t_start = time.perf_counter()
-  net_model = _model(model, loop.item_vocab_size(task), length, dim, dropout, num_negatives)
+  from recjax.train import sparse
+  loss = {"negatives": negatives, "in_batch_negatives": in_batch_negatives} if num_negatives or in_batch_negatives else {}
+  net_model = _model(model, loop.item_vocab_size(task), length, dim, dropout, num_negatives, **loss)
   mesh = mesh_lib.create_mesh()
-  optimizer = lambda total: loop.make_optimizer(total, learning_rate=learning_rate, warmup_steps=warmup_steps,
-                                                schedule="constant", weight_decay=0.01)
+  make = functools.partial(sparse.make_optimizer, max_rows=sparse_rows) if sparse_rows else loop.make_optimizer
+  optimizer = lambda total: make(total, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                                 schedule="constant", weight_decay=0.01)
   trainer = loop.Trainer(net_model, mesh, mesh_lib.DEFAULT_RULES, seed=seed, total_steps=10**9,
-                         optimizer_fn=optimizer)
+                         optimizer_fn=optimizer, frozen_inputs=loop.frozen_inputs(net_model, task))
   data = pipeline.DataIterator(task, split="train", feature_converter=net_model.feature_converter(seed=seed),
                                task_feature_lengths={"items": length}, batch_size=batch_size,
                                shuffle=True, seed=seed)
@@ -101,6 +111,7 @@ def run(task: str, *, model: str = "sasrec", budget_s: float = 900.0, eval_every
     flops = _step_flops(trainer, state, probe)
     items = float((first["segment_ids"] > 0).sum())
     rows.append(_print({"event": "step_alone", "peer": "recjax", "model": model, "num_negatives": num_negatives,
+                        "negatives": negatives, "in_batch_negatives": in_batch_negatives, "sparse_rows": sparse_rows,
                         "step_s": round(alone_s, 4),
                         "items_per_step": items, "items_per_s": round(items / alone_s, 1),
                         "gflop_per_step": None if flops is None else round(flops / 1e9, 2),

@@ -19,8 +19,8 @@ Two kinds of models, chosen by `EVALUATOR` (the name of the evaluator registered
 
 Frozen inputs (FLARE's cached text-encoder states, Mender's benchmark embeddings, every
 item's semantic-ID tokens) are *named*, not built, by a model: the optional
-`frozen_input_specs()` -> {key: spec} returns `TaskArray` / `ItemTextStates` / `StringStates`
-specs, which the
+`frozen_input_specs()` -> {key: spec} returns `TaskArray` / `ItemTextStates` / `StringStates` /
+`TrainItemCounts` specs, which the
 trainer fetches (`recjax.train.frozen`) from the task and its artifacts; the optional
 `finish_frozen(arrays)` -> {name: (array, logical axes)} post-processes what was fetched
 (pure numpy). The trainer places them on the mesh once and hands them to `loss_fn` /
@@ -112,6 +112,13 @@ class StringStates:
   encoder: str
   length: int
   cache_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainItemCounts:
+  """How often each item id occurs in the task's training split, int64 [rows] (PAD / MASK
+  0): a popularity sampler's source."""
+  rows: int
 
 
 def vocab_feature(model_factory) -> str:

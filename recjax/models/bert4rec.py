@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from recjax.models import base
 from recjax.models import layers
+from recjax.models import losses
 
 PAD_ID, MASK_ID, NUM_RESERVED = 0, 1, 2  # fixed by every prepared dataset (docs/data.md)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -103,6 +105,54 @@ class Bert4Rec:
   mask_prob: float = 0.15  # cloze masking rate of the training converter
   last_item_prob: float = 0.1  # fraction of training sequences with only the last item masked
   causal: bool = False  # True: left-to-right attention (ablation of bidirectional attention)
+  # The training loss's output layer (recjax/models/losses.py): "full" ([P, V] logits),
+  # "chunked" (exact, streamed over loss_chunk items), "sampled" (log-Q corrected, over
+  # num_negatives ids drawn by `negatives` plus in_batch_negatives of the step's targets);
+  # "auto": sampled when negatives are configured, else chunked. Evaluation is unaffected.
+  loss: str = "auto"
+  # Items per chunk of the chunked loss; 0: about 1.6M logits per chunk (SASRec+ on Beauty,
+  # 6,400 positions: 256 items, fastest of 256 / 1024 / 4096; fewer positions, wider chunks).
+  loss_chunk: int = 0
+  num_negatives: int = 0
+  negatives: str = "uniform"  # uniform | popularity | mixed (popularity_mix of them by popularity)
+  popularity_mix: float = 0.5
+  in_batch_negatives: int = 0
+
+  def __post_init__(self):
+    if self.loss not in ("auto", *losses.LOSSES):
+      raise ValueError(f"{type(self).__name__}.loss must be one of auto, {', '.join(losses.LOSSES)}; "
+                       f"got {self.loss!r}")
+    if self.num_negatives < 0 or self.in_batch_negatives < 0:
+      raise ValueError(f"{type(self).__name__}.num_negatives and in_batch_negatives must be >= 0, got "
+                       f"{self.num_negatives}, {self.in_batch_negatives}")
+    if self.negatives not in losses.SAMPLERS:
+      raise ValueError(f"{type(self).__name__}.negatives must be one of {losses.SAMPLERS}, got {self.negatives!r}")
+    if self.train_loss == "sampled" and self.num_negatives + self.in_batch_negatives == 0:
+      raise ValueError(f"{type(self).__name__}.loss='sampled' needs num_negatives > 0 or in_batch_negatives > 0")
+    if not 0.0 <= self.popularity_mix <= 1.0:
+      raise ValueError(f"{type(self).__name__}.popularity_mix must be in [0, 1], got {self.popularity_mix}")
+
+  @property
+  def train_loss(self) -> str:
+    if self.loss != "auto":
+      return self.loss
+    return "sampled" if self.num_negatives or self.in_batch_negatives else "chunked"
+
+  @property
+  def needs_popularity(self) -> bool:
+    return self.train_loss == "sampled" and (
+        self.in_batch_negatives > 0 or (self.num_negatives > 0 and self.negatives != "uniform"))
+
+  def frozen_input_specs(self) -> dict:
+    """The training split's item counts when the loss samples by popularity ({} otherwise)."""
+    return {"item_counts": base.TrainItemCounts(rows=self.padded_vocab_size)} if self.needs_popularity else {}
+
+  def finish_frozen(self, arrays: dict) -> dict:
+    """The popularity sampler's tables, from the counts."""
+    if "item_counts" not in arrays:
+      return {}
+    return {k: (v, (None,)) for k, v in
+            losses.popularity_inputs(arrays["item_counts"], NUM_RESERVED, self.vocab_size).items()}
 
   @property
   def padded_vocab_size(self) -> int:
@@ -161,8 +211,12 @@ class Bert4Rec:
     """
     deterministic = rng is None
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
-    hidden = self.hidden(net, batch, deterministic=deterministic, rngs=rngs)
-    return self.cloze_loss(net, hidden, batch)
+    if deterministic or self.train_loss != "sampled":
+      hidden = self.hidden(net, batch, deterministic=deterministic, rngs=rngs)
+      return self.cloze_loss(net, hidden, batch)
+    rng, neg_rng = jax.random.split(rng)  # dropout and negatives from separate streams
+    hidden = self.hidden(net, batch, deterministic=False, rngs=nnx.Rngs(dropout=rng))
+    return self.cloze_loss(net, hidden, batch, neg_rng)
 
   def gather_targets(self, net: Bert4RecNetwork, hidden, batch):
     """(queries [C, D], targets [C], weights [C]) of the loss positions, gathered into a
@@ -174,14 +228,30 @@ class Bert4Rec:
     valid = (jnp.arange(capacity) < jnp.sum(weights > 0)).astype(jnp.float32)
     return net.query(hidden.reshape(n, -1)[index]), batch["targets"].reshape(-1)[index], weights[index] * valid
 
-  def cloze_loss(self, net: Bert4RecNetwork, hidden, batch):
-    """(loss, metrics) of the cloze objective given the hidden states [B, L, D]."""
+  def cloze_loss(self, net: Bert4RecNetwork, hidden, batch, rng=None):
+    """(loss, metrics) of the cloze objective given the hidden states [B, L, D]; `rng`
+    (training) draws a sampled loss's negatives."""
     queries, targets, w = self.gather_targets(net, hidden, batch)
-    logits = self.score_logits(net, queries, batch.get("frozen"))
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    nll = logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    nll, correct = self.output_loss(net, queries, targets, w, batch.get("frozen"), rng)
     return self.loss_and_metrics(nll, correct, w, batch)
+
+  def output_loss(self, net: Bert4RecNetwork, queries, targets, w, frozen, rng):
+    """(nll [C], correct [C]) of the configured loss; without an rng (evaluation) a
+    sampled loss falls back to the exact chunked one."""
+    table, bias = self.output_table(net, frozen)
+    kind = self.train_loss
+    if kind == "sampled" and rng is None:
+      kind = "chunked"
+    bounds = dict(lo=NUM_RESERVED, hi=self.vocab_size)
+    if kind == "full":
+      return losses.full_softmax_xent(queries, table, bias, targets, **bounds)
+    if kind == "chunked":
+      chunk = self.loss_chunk or max(256, (6400 * 256) // queries.shape[0])
+      return losses.chunked_softmax_xent(queries, table, bias, targets, chunk=chunk, **bounds)
+    nll, correct, _ = losses.sampled_softmax_xent(
+        queries, table, bias, targets, w, rng, num_negatives=self.num_negatives, sampler=self.negatives,
+        popularity_mix=self.popularity_mix, in_batch=self.in_batch_negatives, frozen=frozen, **bounds)
+    return nll, correct
 
   def loss_and_metrics(self, nll, correct, w, batch):
     """The mean loss over the batch's targets, and the float32 sums the trainer logs."""
@@ -201,3 +271,5 @@ class Bert4Rec:
     hidden = self.hidden(net, batch, deterministic=True)
     at_mask = jnp.take_along_axis(hidden, batch["mask_position"][:, None, None], axis=1)[:, 0]
     return net.query(at_mask).astype(jnp.float32)
+
+

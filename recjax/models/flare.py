@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 import typing
 
 import jax
@@ -253,6 +252,7 @@ class Flare(bert4rec.Bert4Rec):
   output_text: bool = False
 
   def __post_init__(self):
+    super().__post_init__()
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"Flare.alpha must be in [0, 1], got {self.alpha}")
     if self.temperature <= 0:
@@ -264,8 +264,8 @@ class Flare(bert4rec.Bert4Rec):
 
   def network(self, rngs: nnx.Rngs) -> FlareNetwork:
     if self.use_text and self.text_dim <= 0:
-      raise ValueError("Flare.text_dim is unset: build the model through frozen_inputs(task) first "
-                       "(the trainer does), or pass text_dim")
+      raise ValueError("Flare.text_dim is unset: fetch its frozen inputs first (recjax.train.frozen sets it; "
+                       "the trainer does), or pass text_dim")
     return FlareNetwork(**self.network_kwargs(), text_dim=self.text_dim, use_text=self.use_text,
                         use_perceiver=self.use_perceiver, num_latents=self.num_latents,
                         perceiver_layers=self.perceiver_layers, perceiver_heads=self.perceiver_heads,
@@ -275,15 +275,24 @@ class Flare(bert4rec.Bert4Rec):
   # -- frozen text states ---------------------------------------------------------------
 
   def frozen_input_specs(self) -> dict:
-    """The cached token states of every item text (and critique string, for critique tasks)."""
-    if not self.use_text:
-      return {}
-    return {"item_text": base.ItemTextStates(encoder=self.text_encoder, item_length=self.item_text_length,
-                                             critique_length=self.critique_length, rows=self.padded_vocab_size,
-                                             cache_dir=self.text_cache_dir)}
+    """The cached token states of every item text (and critique string, for critique tasks),
+    and Bert4Rec's (a sampled loss's item counts)."""
+    specs = super().frozen_input_specs()
+    if self.use_text:
+      specs["item_text"] = base.ItemTextStates(encoder=self.text_encoder, item_length=self.item_text_length,
+                                               critique_length=self.critique_length, rows=self.padded_vocab_size,
+                                               cache_dir=self.text_cache_dir)
+    return specs
 
   def finish_frozen(self, arrays: dict) -> dict:
     """{name: (array, axes)}: sets `text_dim` from the states; adds the item sentences."""
+    arrays = dict(arrays)
+    popularity = super().finish_frozen({k: arrays.pop(k) for k in ("item_counts",) if k in arrays})
+    if not self.use_text:
+      return popularity
+    return {**popularity, **self._finish_text(arrays)}
+
+  def _finish_text(self, arrays: dict) -> dict:
     self.text_dim = int(arrays["item_text"].shape[-1])
     arrays = dict(arrays)
     arrays["item_text"][:bert4rec.NUM_RESERVED] = 0.0  # PAD and MASK have no text
@@ -323,7 +332,9 @@ class Flare(bert4rec.Bert4Rec):
     context = self._context(net, batch, deterministic=deterministic, rngs=rngs)
     hidden = net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
                         deterministic=deterministic, rngs=rngs, extra=context)
-    cloze, metrics = self.cloze_loss(net, hidden, batch)
+    # A sampled loss draws its negatives from a stream of its own.
+    neg_rng = None if deterministic else jax.random.fold_in(rng, 0x5A3)
+    cloze, metrics = self.cloze_loss(net, hidden, batch, neg_rng)
     if context is None or self.alpha == 1.0:
       return cloze, metrics
     nce, count = self.contrastive_loss(net, context, batch, rng)

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

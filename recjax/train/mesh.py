@@ -77,6 +77,8 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
   replicated."""
 
   def one(x):
+    if isinstance(x, nnx.Variable) and not jax.tree.leaves(x):
+      return x  # no array (optax's MaskedNode in a partitioned optimizer's state)
     if isinstance(x, nnx.Variable):
       names = tuple(nnx.spmd.get_var_pspec(x))
       return x.replace(NamedSharding(mesh, logical_to_mesh(names, rules, mesh)))
