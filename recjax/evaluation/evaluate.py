@@ -189,8 +189,9 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
   mesh = mesh_fn()
   if exported_dir:
     from recjax.evaluation import exported
+    kind = exported.kind(exported_dir)  # verifies every file's checksum first
     identity.check_export(exported_dir, mixture_or_task_name)
-    name = evaluator or exported.kind(exported_dir)
+    name = evaluator or kind
     source = evaluators.Source.from_export(exported_dir)
     out_dir = pathlib.Path(exported_dir)
   else:
