@@ -155,27 +155,34 @@ def _popen(args, tsyn):
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tsyn, tmp_path):
-  run = [*TINY, "--gin.TRAIN_STEPS=120", "--gin.loop.train.checkpoint_every=20"]
-  full = recjax("train", *run, f"--gin.MODEL_DIR={tmp_path / 'full'}", dataset=tsyn)
+def _sigkill_then_resume_matches_uninterrupted(run, data_dir, tmp_path, steps, kill_after):
+  """A run SIGKILLed once checkpoint `kill_after` exists, then resumed, ends with the
+  parameters of an uninterrupted run, bit for bit."""
+  run = [*run, f"--gin.TRAIN_STEPS={steps}"]
+  full = recjax("train", *run, f"--gin.MODEL_DIR={tmp_path / 'full'}", dataset=data_dir)
   assert full.returncode == 0, full.stderr[-2000:]
 
   killed = tmp_path / "killed"
-  proc = _popen(["train", *run, f"--gin.MODEL_DIR={killed}"], tsyn)
-  _wait_for_checkpoint(killed, 40, proc)
+  proc = _popen(["train", *run, f"--gin.MODEL_DIR={killed}"], data_dir)
+  _wait_for_checkpoint(killed, kill_after, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps and steps[-1] < 120, steps  # really interrupted
-  resumed = recjax("train", *run, f"--gin.MODEL_DIR={killed}", dataset=tsyn)
+  saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < steps, saved  # really interrupted
+  resumed = recjax("train", *run, f"--gin.MODEL_DIR={killed}", dataset=data_dir)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
 
   step_a, a = checkpoint_params(tmp_path / "full")
   step_b, b = checkpoint_params(killed)
-  assert step_a == step_b == 120
+  assert step_a == step_b == steps
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tsyn, tmp_path):
+  _sigkill_then_resume_matches_uninterrupted([*TINY, "--gin.loop.train.checkpoint_every=20"], tsyn, tmp_path,
+                                             steps=120, kill_after=40)
 
 
 def test_sigterm_leaves_a_checkpoint_at_the_stop_step(tsyn, tmp_path):
@@ -393,22 +400,8 @@ def test_tiger_trains_evaluates_and_its_export_reevaluates_identically(tsid, tmp
 
 
 def test_tiger_sigkill_then_resume_matches_uninterrupted(tsid, tmp_path):
-  run = [*TIGER, "--gin.TRAIN_STEPS=60", "--gin.loop.train.checkpoint_every=10"]
-  full = recjax("train", *run, f"--gin.MODEL_DIR={tmp_path / 'full'}", dataset=tsid)
-  assert full.returncode == 0, full.stderr[-2000:]
-  killed = tmp_path / "killed"
-  proc = _popen(["train", *run, f"--gin.MODEL_DIR={killed}"], tsid)
-  _wait_for_checkpoint(killed, 20, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps and steps[-1] < 60, steps
-  resumed = recjax("train", *run, f"--gin.MODEL_DIR={killed}", dataset=tsid)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  (step_a, a), (step_b, b) = checkpoint_params(tmp_path / "full"), checkpoint_params(killed)
-  assert step_a == step_b == 60 and a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  _sigkill_then_resume_matches_uninterrupted([*TIGER, "--gin.loop.train.checkpoint_every=10"], tsid, tmp_path,
+                                             steps=60, kill_after=20)
 
 
 # One process feeding what two processes feed (each its own shard; the global batch is their
