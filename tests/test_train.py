@@ -185,11 +185,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tsyn, tmp_path):
                                              steps=120, kill_after=40)
 
 
-def test_sigterm_leaves_a_checkpoint_at_the_stop_step(tsyn, tmp_path):
-  run = [*TINY, "--gin.TRAIN_STEPS=100000", "--gin.loop.train.checkpoint_every=10",
-         f"--gin.MODEL_DIR={tmp_path}"]
-  proc = _popen(["train", *run], tsyn)
-  _wait_for_checkpoint(tmp_path, 10, proc)
+def _sigterm_checkpoints_at_the_stop_step(run, data_dir, model_dir) -> int:
+  """SIGTERM after checkpoint 10: the run exits 0 with a checkpoint at the step it stopped
+  at, which it prints; returns that step."""
+  proc = _popen(["train", *run], data_dir)
+  _wait_for_checkpoint(model_dir, 10, proc)
   proc.send_signal(signal.SIGTERM)
   output, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, output[-2000:]
@@ -197,7 +197,14 @@ def test_sigterm_leaves_a_checkpoint_at_the_stop_step(tsyn, tmp_path):
   assert line, output[-2000:]
   stopped = int(line[-1].rsplit(" ", 1)[1])
   assert 10 <= stopped < 100000
-  assert checkpoint_params(tmp_path)[0] == stopped
+  assert checkpoint_params(model_dir)[0] == stopped
+  return stopped
+
+
+def test_sigterm_leaves_a_checkpoint_at_the_stop_step(tsyn, tmp_path):
+  run = [*TINY, "--gin.TRAIN_STEPS=100000", "--gin.loop.train.checkpoint_every=10",
+         f"--gin.MODEL_DIR={tmp_path}"]
+  _sigterm_checkpoints_at_the_stop_step(run, tsyn, tmp_path)
 
 
 # --- sharding ------------------------------------------------------------------------
@@ -514,15 +521,7 @@ def test_mender_emb_two_processes_match_one_process_and_evaluates_every_axis(tre
 
 def test_tiger_sigterm_checkpoints_at_the_stop_step_and_infer_writes_beams(tsid, tmp_path):
   run = [*TIGER, "--gin.TRAIN_STEPS=100000", "--gin.loop.train.checkpoint_every=10", f"--gin.MODEL_DIR={tmp_path}"]
-  proc = _popen(["train", *run], tsid)
-  _wait_for_checkpoint(tmp_path, 10, proc)
-  proc.send_signal(signal.SIGTERM)
-  output, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, output[-2000:]
-  line = [l for l in output.splitlines() if l.startswith("preempted: checkpoint saved at step")]
-  assert line, output[-2000:]
-  stopped = int(line[-1].rsplit(" ", 1)[1])
-  assert 10 <= stopped < 100000 and checkpoint_params(tmp_path)[0] == stopped
+  stopped = _sigterm_checkpoints_at_the_stop_step(run, tsid, tmp_path)
   out = recjax("infer", *run, "--gin.infer_lib.infer.top_k=5", dataset=tsid)
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [json.loads(l) for l in (tmp_path / f"infer_test_step_{stopped}.jsonl").read_text().splitlines()]
