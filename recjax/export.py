@@ -84,15 +84,16 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
            task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
            export_dir: str = gin.REQUIRED, top_k: int = 20, checkpoint_step: int | None = None,
            num_beams: int = 20, batch_size: int | None = None, mesh_fn: Callable = mesh_lib.create_mesh,
-           logical_axis_rules=mesh_lib.DEFAULT_RULES) -> str:
+           logical_axis_rules=mesh_lib.DEFAULT_RULES, checkpoint: str = "latest") -> str:
   """Writes EXPORT_DIR (see the module docstring); returns its path. `num_beams`: the
   beams (= items returned) a generative model's export decodes; `batch_size`: its fixed
   batch (None: symbolic). Evaluated with the same batch size as the checkpoint, a fixed
   batch compiles the same program, so near-tied beams order alike and the metrics match
   exactly; the reader pads smaller batches."""
   mesh = mesh_fn()
-  source = evaluators.Source.from_checkpoint(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
-                                             checkpoint_step, task_feature_lengths)
+  source = evaluators.Source.from_checkpoint(model, mixture_or_task_name,
+                                             eval_lib.checkpoint_dir(model_dir, checkpoint), mesh,
+                                             logical_axis_rules, checkpoint_step, task_feature_lengths)
   out = integrity.begin_staged(export_dir, "export")  # moved to export_dir when complete
   if base.evaluator_name(source.model) == "generative_retrieval":
     _export_generative(source, out, mixture_or_task_name, task_feature_lengths, num_beams, batch_size)

@@ -25,17 +25,19 @@ def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
           task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           split: str = "test", top_k: int = 10, batch_size: int = 256, output: str | None = None,
           user: int | None = None, critique: str | None = None,
-          mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES) -> str:
+          mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES,
+          checkpoint: str = "latest") -> str:
   """Writes every user's top-k as JSON lines; with `user` set, prints that user's history
   and top-k with and without a critique instead (`critique`: a string of the task's
   critique table, default the held-out item's own critique)."""
   mesh = mesh_fn()
+  restore_dir = eval_lib.checkpoint_dir(model_dir, checkpoint)
   # No mesh context here: see evaluate.evaluate.
   from recjax.models import base
   if base.evaluator_name(model) != "ranking":
-    return _infer_generative(model, mixture_or_task_name, task_feature_lengths, model_dir, mesh,
+    return _infer_generative(model, mixture_or_task_name, task_feature_lengths, restore_dir, mesh,
                              logical_axis_rules, split=split, top_k=top_k, batch_size=batch_size, output=output)
-  scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh,
+  scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, restore_dir, mesh,
                                             logical_axis_rules)
   converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
   if user is not None:

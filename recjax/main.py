@@ -303,7 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     if command == "evaluate":
       q.add_argument("--exported", help="evaluate an export directory instead of a checkpoint")
     q.set_defaults(func=cmd_gin, gin_command=command)
+  q = sub.add_parser("sweep", help="train + evaluate one gin experiment once per seed; mean ± std "
+                     "(MODEL_DIR/seed_N, MODEL_DIR/sweep.json)")
+  gin_cli.add_gin_args(q)
+  _add_dataset_arg(q)
+  q.add_argument("--seeds", default="0,1,2", help="seeds: 0,1,2 or 0-4 (default 0,1,2)")
+  q.set_defaults(func=cmd_sweep)
   return parser
+
+
+def cmd_sweep(args) -> None:
+  from recjax import gin_cli, sweep  # pylint: disable=g-import-not-at-top
+  seeds = sweep.parse_seeds(args.seeds)  # before TensorFlow / JAX load: a bad flag answers at once
+  gin_cli.check_files(args.gin_file, args.gin_search_paths)
+  _load_tasks(args)
+  sweep.sweep(args, args.gin_bindings, seeds)
 
 
 def cmd_gin(args) -> None:
@@ -776,8 +790,8 @@ def main(argv=None) -> int:
   except gin_cli.GinError as e:
     parser.error(str(e))
   args = parser.parse_args(argv)
-  if gin_bindings and args.command not in (*gin_cli.ENTRYPOINTS, "main"):
-    parser.error(f"--gin.* overrides apply only to {', '.join(gin_cli.ENTRYPOINTS)} and main")
+  if gin_bindings and args.command not in (*gin_cli.ENTRYPOINTS, "main", "sweep"):
+    parser.error(f"--gin.* overrides apply only to {', '.join(gin_cli.ENTRYPOINTS)}, sweep and main")
   args.gin_bindings = gin_bindings
   try:
     args.func(args)

@@ -155,9 +155,14 @@ def _popen(args, tsyn):
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _saved_config(model_dir, step) -> dict:
+  return json.loads((pathlib.Path(model_dir) / "checkpoints" / str(step) / "config" / "metadata").read_text())
+
+
 def _sigkill_then_resume_matches_uninterrupted(run, data_dir, tmp_path, steps, kill_after):
   """A run SIGKILLed once checkpoint `kill_after` exists, then resumed, ends with the
-  parameters of an uninterrupted run, bit for bit."""
+  parameters of an uninterrupted run, bit for bit (and, validating during training, with
+  the same best checkpoint and early-stopping state)."""
   run = [*run, f"--gin.TRAIN_STEPS={steps}"]
   full = recjax("train", *run, f"--gin.MODEL_DIR={tmp_path / 'full'}", dataset=data_dir)
   assert full.returncode == 0, full.stderr[-2000:]
@@ -178,11 +183,61 @@ def _sigkill_then_resume_matches_uninterrupted(run, data_dir, tmp_path, steps, k
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  if (tmp_path / "full" / "best").is_dir():
+    state = _saved_config(tmp_path / "full", steps)["early_stopping"]
+    assert state == _saved_config(killed, steps)["early_stopping"]
+    best_a, a = checkpoint_params(tmp_path / "full" / "best")
+    best_b, b = checkpoint_params(killed / "best")
+    assert best_a == best_b == state["best_step"]
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    return state
+
+
+# Validation every 20 steps; patience too large to stop, so the counter must survive the kill.
+VALIDATED = ["--gin_file=runs/validation.gin", "--gin.EVAL_EVERY=20", "--gin.loop.EarlyStopping.patience=100",
+             "--gin.EVAL_BATCH_SIZE=64"]
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tsyn, tmp_path):
-  _sigkill_then_resume_matches_uninterrupted([*TINY, "--gin.loop.train.checkpoint_every=20"], tsyn, tmp_path,
-                                             steps=120, kill_after=40)
+  """...with the validation evaluator: the best checkpoint and patience counter survive."""
+  state = _sigkill_then_resume_matches_uninterrupted(
+      [*TINY, *VALIDATED, "--gin.loop.train.checkpoint_every=20"], tsyn, tmp_path, steps=120, kill_after=40)
+  assert state["best_step"] in (20, 40, 60, 80, 100, 120) and not state["stopped"]
+  assert state["bad_evals"] == (120 - state["best_step"]) // 20
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_a_sweep_reports_mean_and_std(tsyn, tmp_path):
+  """Two seeds, each stopped early (patience 1): the best checkpoint is what evaluate
+  reads with CHECKPOINT = 'best', a finished run is not trained again, and the sweep's
+  mean and std are those of the seeds' evaluations."""
+  run = [*TINY, *VALIDATED, "--gin.EVAL_EVERY=10", "--gin.loop.EarlyStopping.patience=1",
+         "--gin.TRAIN_STEPS=400", f"--gin.MODEL_DIR={tmp_path}"]
+  out = recjax("sweep", *run, "--seeds", "3,4", dataset=tsyn, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  sweep = json.loads((tmp_path / "sweep.json").read_text())
+  assert [r["seed"] for r in sweep["runs"]] == [3, 4]
+  for r in sweep["runs"]:
+    model_dir = pathlib.Path(r["model_dir"])
+    steps = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())
+    state = _saved_config(model_dir, steps[-1])["early_stopping"]
+    assert state["stopped"] and steps[-1] < 400 and state["bad_evals"] == 1
+    assert r["step"] == state["best_step"] == checkpoint_params(model_dir / "best")[0]
+    assert r["source"] == "best checkpoint"
+    evaluated = json.loads((model_dir / f"eval_best_step_{r['step']}.json").read_text())["results"]
+    assert evaluated["validation/model"]["ndcg@10"] == pytest.approx(state["best_value"], abs=1e-6)
+    logged = [json.loads(l) for l in (model_dir / "train_log.jsonl").read_text().splitlines()]
+    validations = [l for l in logged if "validation" in l]
+    assert [l["step"] for l in validations] == list(range(10, steps[-1] + 1, 10))
+    assert max(l["validation"]["ndcg@10"] for l in validations) == pytest.approx(state["best_value"])
+  values = [r["results"]["test/model"]["ndcg@10"] for r in sweep["runs"]]
+  summary = sweep["mean_std"]["test/model"]["ndcg@10"]
+  assert summary["mean"] == pytest.approx(np.mean(values)) and summary["std"] == pytest.approx(np.std(values, ddof=1))
+  assert "± " in out.stdout and "2 seeds (3, 4)" in out.stdout
+  # A run that stopped early is over: training again does no step.
+  again = recjax("train", *run, "--gin.SEED=3", f"--gin.MODEL_DIR={tmp_path / 'seed_3'}", dataset=tsyn)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "early stopping ended this run" in again.stdout
 
 
 def _sigterm_checkpoints_at_the_stop_step(run, data_dir, model_dir) -> int:
@@ -539,3 +594,29 @@ def test_tiger_refuses_semantic_ids_of_a_re_prepared_dataset(synthetic_raw, synt
   assert out.returncode == 2, out.stderr[-2000:]
   (line,) = [l for l in out.stderr.splitlines() if l.startswith("recjax train: error:")]
   assert "semantic_ids artifact 'rand'" in line and "rebuild it with `recjax fit" in line, line
+
+
+# --- early stopping ------------------------------------------------------------------
+
+
+def test_early_stopping_counts_evaluations_without_a_gain():
+  from recjax.train import loop
+  es = loop.EarlyStopping(metric="ndcg@10", patience=2, min_delta=0.01)
+  assert es.update(10, {"ndcg@10": 0.10})
+  assert not es.update(20, {"ndcg@10": 0.105})  # within min_delta: no gain
+  assert es.update(30, {"ndcg@10": 0.12}) and es.bad_evals == 0
+  assert not es.update(40, {"ndcg@10": float("nan")})  # a NaN never wins
+  assert not es.stopped
+  assert not es.update(50, {"ndcg@10": 0.11}) and es.stopped
+  assert (es.best_step, es.best_value) == (30, 0.12)
+  low = loop.EarlyStopping(metric="loss", mode="min", patience=0)
+  for step, value in ((1, 3.0), (2, 2.0), (3, 2.5), (4, 2.6), (5, 2.7)):
+    low.update(step, {"loss": value})
+  assert (low.best_step, low.bad_evals, low.stopped) == (2, 3, False)  # patience 0: never stops
+  resumed = loop.EarlyStopping(metric="ndcg@10", patience=2, min_delta=0.01)
+  resumed.load(es.state())
+  assert resumed.state() == es.state()
+  with pytest.raises(ValueError, match="tracked max 'ndcg@10'"):
+    loop.EarlyStopping(metric="recall@10").load(es.state())
+  with pytest.raises(ValueError, match="not among the validator's metrics"):
+    loop.EarlyStopping(metric="hr@10").update(1, {"ndcg@10": 0.1})

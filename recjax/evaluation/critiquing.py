@@ -146,13 +146,14 @@ def critique(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
              task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
              batch_size: int = 256, split: str = "test", levels: Sequence[int] = (4, 3, 2),
              ks: Sequence[int] = (1, 5, 10), seed: int = 0, mesh_fn: Callable = mesh_lib.create_mesh,
-             logical_axis_rules=mesh_lib.DEFAULT_RULES, verbose: bool = True) -> dict:
+             logical_axis_rules=mesh_lib.DEFAULT_RULES, verbose: bool = True, checkpoint: str = "latest") -> dict:
   """Runs both critiquing evaluations on the checkpoint in MODEL_DIR; writes
   MODEL_DIR/critique_step_N.json and prints the tables."""
   import seqio
   import recjax.tasks as tasks
   prefix = _dataset_prefix(mixture_or_task_name)
-  scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, model_dir, mesh_fn(),
+  scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name,
+                                            eval_lib.checkpoint_dir(model_dir, checkpoint), mesh_fn(),
                                             logical_axis_rules)
   converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
   results = {}

@@ -18,6 +18,7 @@ import numpy as np
 
 from recjax.data import identity
 from recjax.evaluation import ranking
+from recjax.evaluation import scorer as scorer_lib
 from recjax.evaluation.scorer import Scorer  # noqa: F401  (re-exported: callers build Scorers)
 from recjax.train import mesh as mesh_lib
 
@@ -86,6 +87,20 @@ def train_popularity(mixture_or_task_name: str, vocab_size: int) -> np.ndarray:
   return counts
 
 
+def checkpoint_dir(model_dir, checkpoint: str = "latest") -> pathlib.Path:
+  """Where a command restores from: MODEL_DIR ('latest': its newest checkpoint) or
+  MODEL_DIR/best ('best': the one kept by the run's `loop.EarlyStopping`)."""
+  if checkpoint == "latest":
+    return pathlib.Path(model_dir)
+  if checkpoint != "best":
+    raise ValueError(f"CHECKPOINT is {checkpoint!r}; choose 'latest' or 'best'")
+  best = pathlib.Path(model_dir) / "best"
+  if not (best / "checkpoints").is_dir():
+    raise FileNotFoundError(f"no best checkpoint in {best}: it is kept by training with a validator and "
+                            "loop.train.early_stopping; evaluate the latest one with CHECKPOINT = 'latest'")
+  return best
+
+
 def restore_checkpoint(model, mixture_or_task_name: str, model_dir, mesh, rules, step=None,
                        task_feature_lengths=None):
   """(model, trainer, params, step) of MODEL_DIR's checkpoint (the latest, or `step`)."""
@@ -109,18 +124,26 @@ def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, 
   return params_scorer(net_model, trainer, params), step
 
 
+def _scorer_fns(net_model, trainer) -> tuple[Callable, Callable]:
+  def build():
+    @jax.jit
+    def queries_fn(params, batch):
+      if params["frozen"]:
+        batch = dict(batch, frozen=params["frozen"])
+      return net_model.queries(trainer.network(params["params"]), batch)
+
+    table_fn = jax.jit(lambda p: net_model.output_table(trainer.network(p["params"]), p["frozen"]))
+    return queries_fn, table_fn
+
+  return scorer_lib.jitted_for(trainer, (id(net_model), "scorer"), build)
+
+
 def params_scorer(net_model, trainer, params) -> Scorer:
   """A Scorer of in-memory parameters (a restored checkpoint, or a run in progress)."""
   # Frozen inputs travel with the parameters (an export saves them as well).
   full = {"params": params, "frozen": trainer.frozen}
-
-  @jax.jit
-  def queries_fn(params, batch):
-    if params["frozen"]:
-      batch = dict(batch, frozen=params["frozen"])
-    return net_model.queries(trainer.network(params["params"]), batch)
-
-  table, bias = jax.jit(lambda p: net_model.output_table(trainer.network(p["params"]), p["frozen"]))(full)
+  queries_fn, table_fn = _scorer_fns(net_model, trainer)
+  table, bias = table_fn(full)
   return Scorer(queries_fn, full, table, bias, net_model.vocab_size, batch_sharding=trainer.batch_sharding)
 
 
@@ -179,8 +202,9 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
              mesh_fn: Callable = mesh_lib.create_mesh, logical_axis_rules=mesh_lib.DEFAULT_RULES,
              checkpoint_step: int | None = None, exported_dir: str | None = None,
              popularity_baseline: bool = True, evaluator: str | None = None,
-             verbose: bool = True) -> dict[str, Any]:
-  """Evaluates the latest checkpoint in `model_dir` (or `exported_dir`); writes JSON there.
+             verbose: bool = True, checkpoint: str = "latest") -> dict[str, Any]:
+  """Evaluates the latest (or best: `checkpoint`) checkpoint in `model_dir`, or
+  `exported_dir`; writes JSON there (eval_step_N.json, eval_best_step_N.json).
 
   `evaluator` names a registered evaluator (`recjax.evaluation.evaluators`); None takes
   the model's own (`EVALUATOR` of the model contract, or the export's)."""
@@ -197,8 +221,8 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
   else:
     # Built outside the mesh context: nnx.eval_shape inside one would read the logical axis
     # names as mesh axes. The arrays carry their shardings; jit follows them.
-    source = evaluators.Source.from_checkpoint(model, mixture_or_task_name, model_dir, mesh, logical_axis_rules,
-                                               checkpoint_step, task_feature_lengths)
+    source = evaluators.Source.from_checkpoint(model, mixture_or_task_name, checkpoint_dir(model_dir, checkpoint),
+                                               mesh, logical_axis_rules, checkpoint_step, task_feature_lengths)
     name = evaluator or base.evaluator_name(source.model)
     out_dir = pathlib.Path(model_dir)
   results, protocol = evaluators.get(name)(
@@ -206,10 +230,12 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
       splits=tuple(splits), batch_size=batch_size, ks=tuple(ks), exclude_history=exclude_history,
       popularity_baseline=popularity_baseline)
   step = source.step
+  kind = "export" if exported_dir else ("best checkpoint" if checkpoint == "best" else "checkpoint")
   payload = {"step": step, "task": mixture_or_task_name, "evaluator": name, "protocol": protocol,
-             "results": results, "source": "export" if exported_dir else "checkpoint"}
+             "results": results, "source": kind}
   if jax.process_index() == 0:
-    fname = "eval_export.json" if exported_dir else f"eval_step_{step}.json"
+    fname = ("eval_export.json" if exported_dir else
+             f"eval_best_step_{step}.json" if checkpoint == "best" else f"eval_step_{step}.json")
     (out_dir / fname).write_text(json.dumps(payload, indent=2) + "\n")
     if verbose:
       present = {c for metrics in results.values() for c in metrics}

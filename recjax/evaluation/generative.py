@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax.evaluation import ranking
+from recjax.evaluation import scorer as scorer_lib
 from flax import nnx
 
 from recjax.models import beam_search as bs
@@ -77,15 +78,18 @@ def decode(predict: Callable, batches: Iterable[dict], *, top: int) -> tuple[np.
 
 def checkpoint_predictor(model, trainer, params, tables: bs.TrieTables, *, num_beams: int,
                          constrained: bool = True, free: bool = False) -> Callable:
-  """predict(features) -> (items, scores) of in-memory parameters (jitted once)."""
+  """predict(features) -> (items, scores) of in-memory parameters (jitted once per model,
+  trainer and decoding options: a run validating every N steps compiles it once)."""
+  def build():
+    @jax.jit
+    def run(params, tables, frozen, batch):
+      if frozen:
+        batch = dict(batch, frozen=frozen)
+      return model.predict_batch(trainer.network(params), batch, tables, num_beams=num_beams,
+                                 constrained=constrained, free=free)
+    return run
 
-  @jax.jit
-  def run(params, tables, frozen, batch):
-    if frozen:
-      batch = dict(batch, frozen=frozen)
-    return model.predict_batch(trainer.network(params), batch, tables, num_beams=num_beams,
-                               constrained=constrained, free=free)
-
+  run = scorer_lib.jitted_for(trainer, (id(model), "predict", num_beams, constrained, free), build)
   return lambda batch: run(params, tables, trainer.frozen, batch)
 
 

@@ -8,6 +8,9 @@
   6. loop: step; every `log_every` steps fetch metrics once (the only host sync),
      check for NaN/Inf, write TensorBoard + progress bar; checkpoint every
      `checkpoint_every` steps and on SIGTERM
+  7. optionally, every `eval_every` steps: a validation evaluator (gin passes it in; it
+     lives in recjax.evaluation), the best checkpoint kept in MODEL_DIR/best by a named
+     metric, and early stopping after `patience` evaluations without a gain
 """
 
 from __future__ import annotations
@@ -193,6 +196,66 @@ def build_model(model_factory: Callable, task_name: str, task_feature_lengths: d
   return model
 
 
+@dataclasses.dataclass
+class EarlyStopping:
+  """Best-checkpoint tracking on a validation metric, with patience (gin: `loop.EarlyStopping`).
+
+  `metric` names a key of the validator's result (e.g. 'ndcg@10'); `mode` 'max' or 'min';
+  `patience` evaluations without an improvement larger than `min_delta` stop the run (0:
+  never stop, only keep the best checkpoint). Its state travels in every checkpoint's
+  config, so a resumed run continues the same count and keeps the same best step.
+  """
+
+  metric: str = "ndcg@10"
+  mode: str = "max"
+  patience: int = 0
+  min_delta: float = 0.0
+  best_value: float | None = None
+  best_step: int | None = None
+  bad_evals: int = 0
+  stopped: bool = False
+
+  def __post_init__(self):
+    if self.mode not in ("max", "min"):
+      raise ValueError(f"loop.EarlyStopping.mode is {self.mode!r}; choose 'max' or 'min'")
+    if self.patience < 0:
+      raise ValueError(f"loop.EarlyStopping.patience is {self.patience}; it must be >= 0 (0: never stop)")
+
+  def update(self, step: int, metrics: dict[str, float]) -> bool:
+    """Records one evaluation; True when it is the best so far (its checkpoint is kept)."""
+    if self.metric not in metrics:
+      raise ValueError(f"loop.EarlyStopping.metric {self.metric!r} is not among the validator's "
+                       f"metrics {sorted(metrics)}")
+    value = float(metrics[self.metric])
+    if not math.isfinite(value):  # a NaN never counts as an improvement
+      improved = False
+    elif self.best_value is None:
+      improved = True
+    else:
+      gain = value - self.best_value if self.mode == "max" else self.best_value - value
+      improved = gain > self.min_delta
+    if improved:
+      self.best_value, self.best_step, self.bad_evals = value, step, 0
+    else:
+      self.bad_evals += 1
+      self.stopped = self.patience > 0 and self.bad_evals >= self.patience
+    return improved
+
+  def state(self) -> dict:
+    return {"metric": self.metric, "mode": self.mode, "best_value": self.best_value,
+            "best_step": self.best_step, "bad_evals": self.bad_evals, "stopped": self.stopped}
+
+  def load(self, saved: dict | None) -> None:
+    if not saved:
+      return
+    if (saved["metric"], saved["mode"]) != (self.metric, self.mode):
+      raise ValueError(f"the checkpoint tracked {saved['mode']} {saved['metric']!r} but this run tracks "
+                       f"{self.mode} {self.metric!r}; resume with the same loop.EarlyStopping or use a fresh "
+                       "MODEL_DIR")
+    self.best_value, self.best_step = saved["best_value"], saved["best_step"]
+    self.bad_evals, self.stopped = saved["bad_evals"], saved["stopped"]
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks between steps (no work in the handler)."""
 
@@ -293,7 +356,8 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
           optimizer: Callable = make_optimizer, log_every: int = 50, checkpoint_every: int = 500,
           keep_checkpoints: int = 3, pack: bool = True, progress: bool = True,
           stop_after_steps: int | None = None, reuse_rows: bool | None = None,
-          allow_dataset_change: bool = False) -> dict[str, Any]:
+          allow_dataset_change: bool = False, validator: Callable | None = None, eval_every: int = 0,
+          early_stopping: EarlyStopping | None = None) -> dict[str, Any]:
   """Trains `model` on a SeqIO task; resumes from MODEL_DIR. Returns the last metrics.
 
   `stop_after_steps` ends this invocation early (with a checkpoint) without changing
@@ -301,6 +365,11 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
   `pipeline.DataIterator` (None = automatic; False resumes a run whose data position was
   saved while its rows were converted every epoch). `allow_dataset_change` resumes a
   checkpoint whose dataset was re-prepared (a deliberate fine-tune; refused otherwise).
+
+  `validator(model, trainer, params, step) -> {metric: value}` runs every `eval_every`
+  steps and at the end (e.g. `@validation.Validation()` of recjax.evaluation: gin hands
+  it in, so this module imports no evaluation code). Each evaluation step is also a
+  checkpoint step; with `early_stopping` the best one is kept in MODEL_DIR/best.
   """
   from recjax.data import pipeline
 
@@ -315,6 +384,12 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
                                task_feature_lengths=task_feature_lengths, batch_size=batch_size,
                                shuffle=True, seed=seed, reuse_rows=reuse_rows)
   checkpointer = ckpt_lib.Checkpointer(model_dir, keep=keep_checkpoints)
+  if (validator is None) != (eval_every <= 0):
+    raise ValueError("loop.train: validator and eval_every > 0 go together (got validator "
+                     f"{'set' if validator else 'None'}, eval_every {eval_every})")
+  if early_stopping is not None and validator is None:
+    raise ValueError("loop.train.early_stopping needs a validator (loop.train.validator + eval_every)")
+  best = ckpt_lib.Checkpointer(model_dir / "best", keep=1) if early_stopping is not None else None
   # Operative config: every binding actually used so far (model, optimizer, mesh, train).
   config = {"gin": gin.operative_config_str(), "param_shapes": trainer.param_shapes,
             "task": mixture_or_task_name, "model": type(net_model).__name__,
@@ -326,10 +401,12 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
       state = trainer.init_state()
       start = 0
     else:
-      state, data_state, _ = checkpointer.restore(start, trainer.abstract_state, trainer.param_shapes,
-                                                  task=mixture_or_task_name,
-                                                  allow_dataset_change=allow_dataset_change)
+      state, data_state, saved_config = checkpointer.restore(start, trainer.abstract_state, trainer.param_shapes,
+                                                             task=mixture_or_task_name,
+                                                             allow_dataset_change=allow_dataset_change)
       _restore_data(data, data_state)
+      if early_stopping is not None:
+        early_stopping.load(saved_config.get("early_stopping"))
       log.info("resumed from step %d", start)
     step_fn = trainer.make_train_step()
     writer = _metric_writer(model_dir)
@@ -340,6 +417,11 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
     t0, step = time.time(), start
     run_start, compile_s = t0, None
     end = train_steps if stop_after_steps is None else min(train_steps, start + stop_after_steps)
+    if early_stopping is not None and early_stopping.stopped:
+      end = step  # stopped early before this resumption: nothing left to train
+      if progress and jax.process_index() == 0:
+        print(f"early stopping ended this run at step {step} (best {early_stopping.metric} "
+              f"{early_stopping.best_value:.4f} at step {early_stopping.best_step})", flush=True)
     with _Preemption() as preemption:
       while step < end:
         state, metrics = step_fn(state, trainer.to_global(next(data)))
@@ -376,18 +458,63 @@ def train(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
           if bar is not None:
             bar.close()
           return dict(last_metrics, step=step, preempted=True)
-        if step % checkpoint_every == 0 or step == end:
+        at_eval = validator is not None and (step % eval_every == 0 or step == train_steps)
+        if step % checkpoint_every == 0 or step == end or at_eval:
           if window:  # never checkpoint a state whose loss was not checked
             _checked(window, t0, step, checkpointer)
+          if at_eval:
+            eval_start = time.time()
+            message = _validate(validator, net_model, trainer, state, step, early_stopping, best, writer,
+                                model_dir, (data, config))
+            t0 += time.time() - eval_start  # the training rate leaves the evaluation out
+            if progress and jax.process_index() == 0:
+              (bar.write if bar is not None else print)(message)
+            if early_stopping is not None:
+              config["early_stopping"] = early_stopping.state()
           checkpointer.save(step, state, _data_checkpoint(data), config, force=True)
+          if early_stopping is not None and early_stopping.stopped:
+            message = (f"early stopping at step {step}: {early_stopping.metric} did not improve for "
+                       f"{early_stopping.bad_evals} evaluations (best {early_stopping.best_value:.4f} at step "
+                       f"{early_stopping.best_step}, kept in {best.directory})")
+            if progress and jax.process_index() == 0:
+              (bar.write if bar is not None else print)(message)
+            break
     if bar is not None:
       bar.close()
     checkpointer.close()
+    if best is not None:
+      best.close()
     writer.flush()
   if progress and jax.process_index() == 0:
     print(_final_summary(start, step, time.time() - run_start, compile_s, last_metrics, checkpointer.directory,
                          model_dir), flush=True)
-  return dict(last_metrics, step=step)
+  out = dict(last_metrics, step=step)
+  if early_stopping is not None:
+    out.update(best_step=early_stopping.best_step, best_value=early_stopping.best_value,
+               stopped_early=early_stopping.stopped)
+  return out
+
+
+def _validate(validator, net_model, trainer, state, step, early_stopping, best, writer, model_dir,
+              data_and_config) -> str:
+  """One validation evaluation: logged next to the training metrics; with early stopping,
+  a new best is saved to MODEL_DIR/best before the regular checkpoint of this step (a kill
+  in between replays the step from the previous checkpoint and saves the same best)."""
+  t = time.time()
+  metrics = {k: float(v) for k, v in validator(net_model, trainer, state.params, step).items()}
+  seconds = time.time() - t
+  writer.write_scalars(step, {f"validation/{k}": v for k, v in metrics.items()})
+  _append_log(model_dir, step, None, {"validation": metrics, "validation_seconds": round(seconds, 3)})
+  note = ""
+  if early_stopping is not None and early_stopping.update(step, metrics):
+    data, config = data_and_config
+    if step in best.all_steps():
+      best.manager.delete(step)
+    best.save(step, state, _data_checkpoint(data), dict(config, early_stopping=early_stopping.state()),
+              force=True)
+    note = " (best so far)"
+  shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+  return f"step {step}: validation {shown} in {seconds:.1f}s{note}"
 
 
 def _is_log_step(step: int, start: int, log_every: int, end: int) -> bool:
@@ -398,11 +525,12 @@ def _is_log_step(step: int, start: int, log_every: int, end: int) -> bool:
   return step % log_every == 0 or step == end or (k < log_every and k & (k - 1) == 0)
 
 
-def _append_log(model_dir: pathlib.Path, step: int, seconds: float, summary: dict) -> None:
-  """One JSON line per log step in MODEL_DIR/train_log.jsonl (primary process)."""
+def _append_log(model_dir: pathlib.Path, step: int, seconds: float | None, summary: dict) -> None:
+  """One JSON line per log step (and per validation) in MODEL_DIR/train_log.jsonl (primary process)."""
   if jax.process_index() == 0:
+    head = {"step": step} if seconds is None else {"step": step, "seconds": round(seconds, 3)}
     with open(model_dir / "train_log.jsonl", "a") as f:
-      f.write(json.dumps({"step": step, "seconds": round(seconds, 3), **summary}) + "\n")
+      f.write(json.dumps({**head, **summary}) + "\n")
 
 
 def _final_summary(start, step, seconds, compile_s, metrics, checkpoints, model_dir) -> str:
