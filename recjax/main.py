@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--model", default="bert4rec", choices=["bert4rec", "sasrec"])
   q.add_argument("--batch_size", type=int, default=32)
   q.add_argument("--losses", default="full", help="comma-separated output losses: full,chunked,sampled")
-  q.add_argument("--optimizers", default="dense", help="comma-separated item-table updates: dense,sparse")
+  q.add_argument("--optimizers", default="dense", help="comma-separated item-table updates: dense,sparse,sparse_dense_grads")
   q.add_argument("--num_negatives", type=int, default=1024, help="negatives of the sampled loss")
   q.add_argument("--isolate", action="store_true", help="each catalog point in a fresh process (peak RSS)")
   q.set_defaults(func=cmd_bench_scale)
