@@ -222,27 +222,62 @@ def test_gathered_rows_past_the_capacity_are_counted_and_read_exactly():
   assert np.all(np.abs(t[read[0][:cap]] - t0[read[0][:cap]]).sum(1) > 0)
 
 
-def test_models_list_every_row_their_sampled_loss_reads():
-  """The contract behind the gathered step: loss_fn's gradient w.r.t. the whole tables is
-  zero outside item_ids, and full / chunked losses and evaluation list none."""
+def _flare(v, **kw):
+  from recjax.models import flare
+  model = flare.Flare(vocab_size=v, text_dim=12, num_latents=3, perceiver_dim=8, perceiver_heads=2,
+                      contrastive_positions=16, num_negatives=12, **_TINY, **kw)
+  rng = np.random.default_rng(0)
+  frozen = {"item_text": rng.normal(size=(model.padded_vocab_size, 6, 12)).astype(np.float32),
+            "item_text_mask": rng.uniform(size=(model.padded_vocab_size, 6)) < 0.8}
+  if kw.get("output_text"):
+    frozen["item_sentence"] = flare.sentence_table(frozen["item_text"], frozen["item_text_mask"])
+  return model, frozen
+
+
+@pytest.mark.parametrize("kind", ["sasrec_mixed_in_batch", "bert4rec_untied", "flare", "flare_id"])
+def test_models_list_every_row_their_sampled_loss_reads(kind):
+  """The contract behind the gathered step: the loss read through `ItemRows` equals the
+  loss, its gradient w.r.t. the gathered rows equals the tables' gradient at those rows,
+  and the tables' gradient is zero outside `item_ids`."""
   from flax import nnx
   v = 200
-  for model in (sasrec.SASRec(vocab_size=v, num_negatives=12, in_batch_negatives=4, negatives="mixed", **_TINY),
-                bert4rec.Bert4Rec(vocab_size=v, num_negatives=12, tie_embeddings=False, **_TINY)):
-    net = model.network(nnx.Rngs(0))
-    batch = {k: jnp.asarray(x) for k, x in scale.random_batch(v, 3, 10, mask_prob=0.3, seed=1).items()}
-    counts = np.arange(model.padded_vocab_size)
-    batch["frozen"] = {k: jnp.asarray(x) for k, x in losses.popularity_inputs(counts, 2, v).items()}
-    rng = jax.random.key(5)
-    grads = nnx.grad(lambda n: model.loss_fn(n, batch, rng)[0])(net)
-    listed = set(np.asarray(model.item_ids(batch, rng)).tolist())
-    for name in ("items", "output_items", "output_bias"):
-      if name in grads:
-        g = np.asarray(jax.tree.leaves(grads[name])[0])
-        read = set(np.flatnonzero(np.abs(g.reshape(g.shape[0], -1)).sum(1)).tolist())
-        assert read and read <= listed, (name, sorted(read - listed))
-    assert model.item_ids(batch, None) is None
-  assert sasrec.SASRec(vocab_size=v, loss="chunked", **_TINY).item_ids(batch, rng) is None
+  frozen = {}
+  if kind == "sasrec_mixed_in_batch":
+    model = sasrec.SASRec(vocab_size=v, num_negatives=12, in_batch_negatives=4, negatives="mixed", **_TINY)
+  elif kind == "bert4rec_untied":
+    model = bert4rec.Bert4Rec(vocab_size=v, num_negatives=12, tie_embeddings=False, **_TINY)
+  else:
+    model, frozen = _flare(v, use_text=kind == "flare")
+  net = model.network(nnx.Rngs(0))
+  batch = {k: jnp.asarray(x) for k, x in scale.random_batch(v, 3, 10, mask_prob=0.3, seed=1).items()}
+  frozen.update(losses.popularity_inputs(np.arange(model.padded_vocab_size), 2, v))
+  batch["frozen"] = {k: jnp.asarray(x) for k, x in frozen.items()}
+  rng = jax.random.key(5)
+  loss, grads = nnx.value_and_grad(lambda n: model.loss_fn(n, batch, rng)[0])(net)
+  ids = model.item_ids(batch, rng)
+  uids, _ = sparse.distinct_ids(ids, ids.size, fill=model.padded_vocab_size)
+  names = [n for n in sparse.ITEM_TABLES if n in grads]
+  _, params = nnx.split(net, nnx.Param)
+  tables = {n: jax.tree.leaves(params[n])[0] for n in names}
+  rows = {n: t.at[uids].get(mode="fill", fill_value=0) for n, t in tables.items()}
+  f = lambda rows: model.loss_fn(net, dict(batch, item_rows=base.ItemRows(uids, rows)), rng)[0]
+  got, row_grads = jax.value_and_grad(f)(rows)
+  np.testing.assert_allclose(float(got), float(loss), rtol=1e-6)
+  listed = set(np.asarray(ids).tolist())
+  for n in names:
+    g = np.asarray(jax.tree.leaves(grads[n])[0])
+    read = set(np.flatnonzero(np.abs(g.reshape(g.shape[0], -1)).sum(1)).tolist())
+    assert read and read <= listed, (n, sorted(read - listed))
+    want = np.asarray(jnp.asarray(g).at[uids].get(mode="fill", fill_value=0))
+    np.testing.assert_allclose(np.asarray(row_grads[n]), want, atol=1e-6, err_msg=n)
+  assert model.item_ids(batch, None) is None
+
+
+def test_losses_over_whole_tables_list_no_rows():
+  batch = {k: jnp.asarray(x) for k, x in scale.random_batch(50, 2, 10, mask_prob=0.3).items()}
+  for model in (sasrec.SASRec(vocab_size=50, loss="chunked", **_TINY), bert4rec.Bert4Rec(vocab_size=50, **_TINY),
+                _flare(50, output_text=True)[0]):  # the output table mixes in every item's sentence
+    assert model.item_ids(batch, jax.random.key(0)) is None
 
 
 _MESH_SCRIPT = textwrap.dedent("""
