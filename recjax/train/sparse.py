@@ -228,7 +228,10 @@ def make_optimizer(total_steps: int, *, rows: str = "adam", max_rows: int = 0, l
     loss_of(params, item_rows) -> (loss, aux): the model's loss with the tables read
     through `item_rows` (base.ItemRows). Returns ((loss, aux), global gradient norm,
     params, optimizer state)."""
-    tables = {_name(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0] if _is_table(path)}
+    leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0] if _is_table(path)]
+    tables = {_name(path): x for path, x in leaves}
+    if len(tables) != len(leaves):  # ItemRows names a table by its top-level parameter name
+      raise ValueError(f"an item table must be one array per name, got {[jax.tree_util.keystr(p) for p, _ in leaves]}")
     v = max(x.shape[0] for x in tables.values())
     k = min(max_rows if max_rows > 0 else ids.size, ids.size, v)
     uids, n_distinct = distinct_ids(ids, k, fill=v)
@@ -254,13 +257,15 @@ def make_optimizer(total_steps: int, *, rows: str = "adam", max_rows: int = 0, l
         lambda path, x, u: x if _is_table(path) else optax.apply_updates(x, u), params, updates)
     lazy_state = partition.inner_states["rows"].inner_state
     t = lazy_state.count + 1
-    lr = schedule_of(lazy_state.count)
+    lr_t = lr(lazy_state.count) if callable(lr) else lr
 
     def row_leaf(path, m, n):
       name = _name(path)
-      p, g = tables[name], g_rows[name] * scale.astype(g_rows[name].dtype) if clip_norm else g_rows[name]
+      p, g = tables[name], g_rows[name]
+      if clip_norm:
+        g = g * scale.astype(g.dtype)
       take = lambda x: x.at[uids].get(mode="fill", fill_value=0)
-      delta, m_k, n_k = rows_update(g, take(m), take(n) if rows == "adam" else n, take(p), t.astype(jnp.float32), lr)
+      delta, m_k, n_k = rows_update(g, take(m), take(n) if rows == "adam" else n, take(p), t.astype(jnp.float32), lr_t)
       # Rows read but with an all-zero gradient stay as they are, as in `lazy`.
       index = jnp.where(_touched(g), uids, v)
       put = lambda x, r: x.at[index].set(r.astype(x.dtype), mode="drop")
@@ -281,5 +286,4 @@ def make_optimizer(total_steps: int, *, rows: str = "adam", max_rows: int = 0, l
     new_partition = partition._replace(inner_states=inner_states)
     return out, norm, new_params, ((state[0], new_partition) if clip_norm else new_partition)
 
-  schedule_of = lr if callable(lr) else (lambda _: lr)
   return RowOptimizer(init, update, gathered_update if gather_rows else None), lr
