@@ -11,9 +11,7 @@ Two sweeps, one JSON object per point:
 
 Memory per device is XLA's compiled view of the step: `arguments` (parameters, optimizer
 state, batch), `temp` (activations, logits, gradients), both per device; `item_table_mib`
-is one device's shard of the item embedding; `steps_rss_mib` the resident memory's high-water
-mark over the timed steps alone (Linux: reset after a malloc_trim once the state is built
-and the step compiled, so initialisation's transients are not in it); `peak_rss_mib` the process's peak resident
+is one device's shard of the item embedding; `peak_rss_mib` the process's peak resident
 memory (per point with `isolate`: each point in a fresh process). CPU "devices" share the
 same cores, so the device sweep shows memory splitting and the cost of the collectives,
 not a speed-up.
@@ -102,7 +100,6 @@ def point(*, vocab_size: int, model: str = "bert4rec", batch_size: int = 32, len
     mem = compiled.memory_analysis()
     state, _ = step_fn(state, g)
     jax.block_until_ready(state)
-    _reset_peak_rss()
     times = []
     for _ in range(steps):
       t = time.perf_counter()
@@ -117,32 +114,10 @@ def point(*, vocab_size: int, model: str = "bert4rec", batch_size: int = 32, len
           "mesh": dict(mesh.shape), "batch_size": batch_size, "length": length, "dim": dim, "loss": loss,
           "optimizer": optimizer, "num_negatives": num_negatives if loss == "sampled" else 0,
           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-          "steps_rss_mib": _peak_rss_mib(),
           "step_s": round(step_s, 4), "items_per_s": round(items / step_s, 1),
           "item_table_mib": round(shard.nbytes / MIB, 2), "item_table_shard_rows": int(shard.shape[0]),
           "arguments_mib_per_device": None if mem is None else round(mem.argument_size_in_bytes / MIB, 1),
           "temp_mib_per_device": None if mem is None else round(mem.temp_size_in_bytes / MIB, 1)}
-
-
-def _reset_peak_rss() -> None:
-  """Frees the heap's unused pages and restarts the kernel's resident high-water mark
-  (VmHWM), so `_peak_rss_mib` covers what follows; a no-op where /proc does not allow it."""
-  try:
-    import ctypes
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-  except OSError:
-    pass
-
-
-def _peak_rss_mib() -> float | None:
-  try:
-    with open("/proc/self/status") as f:
-      kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-  except (OSError, StopIteration):
-    return None
-  return round(kib / 1024, 1)
 
 
 def devices_point(count: int, **kwargs) -> dict:
