@@ -207,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--model", default="bert4rec", choices=["bert4rec", "sasrec"])
   q.add_argument("--batch_size", type=int, default=32)
   q.add_argument("--losses", default="full", help="comma-separated output losses: full,chunked,sampled")
-  q.add_argument("--optimizers", default="dense", help="comma-separated item-table updates: dense,sparse")
+  q.add_argument("--optimizers", default="dense", help="comma-separated item-table updates: dense,sparse,sparse_dense_grads")
   q.add_argument("--num_negatives", type=int, default=1024, help="negatives of the sampled loss")
   q.add_argument("--isolate", action="store_true", help="each catalog point in a fresh process (peak RSS)")
+  q.add_argument("--steps", type=int, default=5, help="timed steps per point (the median is reported)")
   q.set_defaults(func=cmd_bench_scale)
   q = bench_sub.add_parser("all", help="every benchmark in turn (JSON lines in --results), then the report",
                            description="Runs pipeline, step (packed/padded), ranking, scale and train (recjax "
@@ -602,7 +603,7 @@ def cmd_bench_scale(args) -> None:
             device_counts=[int(x) for x in args.devices.split(",") if x],
             device_vocab_size=args.device_items, model=args.model, batch_size=args.batch_size,
             losses=args.losses.split(","), optimizers=args.optimizers.split(","), isolate=args.isolate,
-            num_negatives=args.num_negatives)
+            num_negatives=args.num_negatives, steps=args.steps)
 
 
 def cmd_bench_all(args) -> None:

@@ -18,7 +18,9 @@ not a speed-up.
 
 Variants (`losses`, `optimizers`): the output layer's loss (full [P, V] logits, chunked
 exact, sampled over `num_negatives` shared uniform ids; recjax/models/losses.py) and the
-item tables' update (dense AdamW, or sparse: lazy row-wise Adam, recjax/train/sparse.py).
+item tables' update (dense AdamW; sparse: lazy row-wise Adam of the gathered rows the step
+reads, recjax/train/sparse.py; sparse_dense_grads: the same update found from the tables'
+dense gradients).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ import jax
 import numpy as np
 
 MIB = 2.0**20
+# sparse: lazy rows, only the rows a step reads differentiated (a sampled loss; full and
+# chunked read whole tables, so there it is sparse_dense_grads); sparse_dense_grads: lazy
+# rows found in the tables' dense gradients (the former path, for comparison).
+OPTIMIZERS = ("dense", "sparse", "sparse_dense_grads")
 
 
 def random_batch(vocab_size: int, batch_size: int, length: int, mask_prob: float, seed: int = 0,
@@ -77,11 +83,12 @@ def point(*, vocab_size: int, model: str = "bert4rec", batch_size: int = 32, len
   from recjax.train import sparse
   net_model = _model(model, vocab_size, length, dim, loss, num_negatives, loss_chunk)
   mesh = mesh_lib.create_mesh(data=1, fsdp=-1, model=model_axis)
-  if optimizer not in ("dense", "sparse"):
-    raise ValueError(f"optimizer must be dense or sparse, got {optimizer!r}")
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
   # Sparse: room for every row a step can touch (inputs, targets, negatives).
   max_rows = 2 * batch_size * length + (num_negatives if loss == "sampled" else 0)
-  opt = loop.make_optimizer if optimizer == "dense" else functools.partial(sparse.make_optimizer, max_rows=max_rows)
+  opt = loop.make_optimizer if optimizer == "dense" else functools.partial(
+      sparse.make_optimizer, max_rows=max_rows, gather_rows=optimizer == "sparse")
   trainer = loop.Trainer(net_model, mesh, mesh_lib.DEFAULT_RULES, total_steps=10**6, optimizer_fn=opt)
   # SASRec scores every position; Bert4Rec the masked ones.
   batch = random_batch(vocab_size, batch_size, length, mask_prob=1.0 if model == "sasrec" else 0.2)

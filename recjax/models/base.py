@@ -26,6 +26,18 @@ trainer fetches (`recjax.train.frozen`) from the task and its artifacts; the opt
 (pure numpy). The trainer places them on the mesh once and hands them to `loss_fn` /
 `queries` as batch["frozen"]; they are never differentiated or checkpointed.
 
+Sparse item-table gradients (optional, scoring models): `item_ids(batch, rng)` -> int32 ids
+(any static shape, duplicates allowed) of every item row `loss_fn(net, batch, rng)` reads
+from the item tables (the network's top-level parameters `items`, `output_items`,
+`output_bias`: every parameter whose rows are items), or None when the loss reads whole
+tables (full or chunked softmax, evaluation). With it and the sparse optimizer
+(`recjax.train.sparse`), the trainer gathers those rows once, differentiates only them and
+calls `loss_fn` with batch["item_rows"] = `ItemRows`; the network's item tables are then
+constants, so the model must read every item row through `ItemRows.take` / `view` (a row
+read directly gets no gradient). Ids keep their global values everywhere else (frozen
+tables, popularity, PAD / MASK tests). A model without `item_ids` trains on dense
+gradients of its tables.
+
 Models import nothing from `recjax.train`, `recjax.evaluation`, `tasks`,
 `recjax.data.formats` or `recjax.data.prepare` (tests/test_layering.py checks this).
 """
@@ -36,6 +48,7 @@ import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 Batch = dict[str, jax.Array]
@@ -128,3 +141,36 @@ def vocab_feature(model_factory) -> str:
 
 def evaluator_name(model) -> str:
   return getattr(model, "EVALUATOR", "ranking")
+
+
+class ItemRows:
+  """The rows of the item tables one train step differentiates (see `item_ids`).
+
+  ids: [K] the distinct item ids of the step, sorted, padded with an id past every table
+  (no lookup matches it); rows: {table name: [K, ...] that table's rows at `ids`}, the
+  variables the step differentiates. An id missing from `ids` (the step's row capacity
+  ran out) reads the constant table: the forward stays exact, that row gets no gradient."""
+
+  def __init__(self, ids: jax.Array, rows: dict[str, jax.Array]):
+    self.ids, self.rows = ids, rows
+
+  def take(self, name: str, table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids] (global ids, any shape), differentiable through rows[name]."""
+    local = jnp.minimum(jnp.searchsorted(self.ids, ids), self.ids.shape[0] - 1)
+    hit = (self.ids[local] == ids).reshape(*ids.shape, *([1] * (table.ndim - 1)))
+    return jnp.where(hit, self.rows[name][local], jax.lax.stop_gradient(table)[ids])
+
+  def view(self, name: str, table: jax.Array) -> "RowView":
+    return RowView(self, name, table)
+
+
+class RowView:
+  """An item table as `take` reads it: only indexing (`view[ids]`) is supported, which is
+  all a sampled loss does with its table (`recjax.models.losses`)."""
+
+  def __init__(self, item_rows: ItemRows, name: str, table: jax.Array):
+    self.item_rows, self.name, self.table = item_rows, name, table
+    self.shape, self.dtype = table.shape, table.dtype
+
+  def __getitem__(self, ids):
+    return self.item_rows.take(self.name, self.table, ids)

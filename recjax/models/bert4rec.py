@@ -58,10 +58,14 @@ class Bert4RecNetwork(nnx.Module):
     self.dtype = dtype
     self.causal = causal
 
-  def encode(self, inputs, segment_ids, positions, *, deterministic: bool, rngs=None, extra=None):
+  def encode(self, inputs, segment_ids, positions, *, deterministic: bool, rngs=None, extra=None,
+             item_rows: base.ItemRows | None = None):
     """Hidden states [B, L, D] of a (packed) batch; `extra` [B, L, D] is added to the
-    input embeddings (FLARE's fused text context)."""
-    x = self.items(inputs) + self.positions(positions)
+    input embeddings (FLARE's fused text context); `item_rows`: the item embeddings are
+    read through it (a train step that differentiates gathered rows, base.ItemRows)."""
+    items = self.items(inputs) if item_rows is None else (
+        item_rows.take("items", self.items.embedding[...], inputs).astype(self.dtype))
+    x = items + self.positions(positions)
     if extra is not None:
       x = x + extra
     x = self.dropout(self.norm(x), deterministic=deterministic, rngs=rngs).astype(self.dtype)
@@ -76,10 +80,14 @@ class Bert4RecNetwork(nnx.Module):
     """The MLM transform: hidden states -> vectors scored against the item table."""
     return self.head_norm(jax.nn.gelu(self.head(hidden), approximate=False))
 
-  def item_table(self):
-    """(embeddings [V, D], bias [V]) that queries are scored against, float32."""
+  def item_table(self, item_rows: base.ItemRows | None = None):
+    """(embeddings [V, D], bias [V]) that queries are scored against, float32; with
+    `item_rows`, views of them that read the gathered rows (indexing only)."""
+    name = "items" if self.output_items is None else "output_items"
     table = self.items.embedding if self.output_items is None else self.output_items
-    return table[...], self.output_bias[...]
+    if item_rows is None:
+      return table[...], self.output_bias[...]
+    return item_rows.view(name, table[...]), item_rows.view("output_bias", self.output_bias[...])
 
 
 @dataclasses.dataclass
@@ -176,7 +184,7 @@ class Bert4Rec:
   def hidden(self, net: Bert4RecNetwork, batch, *, deterministic: bool, rngs=None):
     """Hidden states [B, L, D] of a batch (subclasses add inputs beside the item ids)."""
     return net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
-                      deterministic=deterministic, rngs=rngs)
+                      deterministic=deterministic, rngs=rngs, item_rows=batch.get("item_rows"))
 
   def feature_converter(self, pack: bool = True, seed: int = 0):
     """The training converter: cloze masking (seeded per example and epoch) + packing."""
@@ -218,6 +226,24 @@ class Bert4Rec:
     hidden = self.hidden(net, batch, deterministic=False, rngs=nnx.Rngs(dropout=rng))
     return self.cloze_loss(net, hidden, batch, neg_rng)
 
+  def item_ids(self, batch, rng: jax.Array | None):
+    """Every item id whose table rows `loss_fn(net, batch, rng)` reads (the model contract's
+    sparse gradients, base.py): inputs, targets (in-batch negatives are targets) and the
+    sampled negatives, drawn from the stream `loss_fn` draws them from. None when the loss
+    reads whole tables (full / chunked softmax, or no rng)."""
+    if rng is None or self.train_loss != "sampled":
+      return None
+    return self._item_ids(batch, jax.random.split(rng)[1])
+
+  def _item_ids(self, batch, neg_rng):
+    negatives = losses.negative_ids(neg_rng, **self._sampling(batch.get("frozen")))
+    return jnp.concatenate([batch["inputs"].reshape(-1), batch["targets"].reshape(-1), negatives])
+
+  def _sampling(self, frozen) -> dict:
+    """The sampled loss's arguments besides the scores: the same for drawing and scoring."""
+    return dict(lo=NUM_RESERVED, hi=self.vocab_size, num_negatives=self.num_negatives, sampler=self.negatives,
+                popularity_mix=self.popularity_mix, in_batch=self.in_batch_negatives, frozen=frozen)
+
   def gather_targets(self, net: Bert4RecNetwork, hidden, batch):
     """(queries [C, D], targets [C], weights [C]) of the loss positions, gathered into a
     fixed capacity C; slots past the batch's targets have weight 0."""
@@ -232,25 +258,26 @@ class Bert4Rec:
     """(loss, metrics) of the cloze objective given the hidden states [B, L, D]; `rng`
     (training) draws a sampled loss's negatives."""
     queries, targets, w = self.gather_targets(net, hidden, batch)
-    nll, correct = self.output_loss(net, queries, targets, w, batch.get("frozen"), rng)
+    nll, correct = self.output_loss(net, queries, targets, w, batch.get("frozen"), rng, batch.get("item_rows"))
     return self.loss_and_metrics(nll, correct, w, batch)
 
-  def output_loss(self, net: Bert4RecNetwork, queries, targets, w, frozen, rng):
+  def output_loss(self, net: Bert4RecNetwork, queries, targets, w, frozen, rng, item_rows=None):
     """(nll [C], correct [C]) of the configured loss; without an rng (evaluation) a
-    sampled loss falls back to the exact chunked one."""
-    table, bias = self.output_table(net, frozen)
+    sampled loss falls back to the exact chunked one. `item_rows` (a sampled loss in a
+    step that differentiates gathered rows): the output table is read through it."""
     kind = self.train_loss
     if kind == "sampled" and rng is None:
       kind = "chunked"
+    if item_rows is not None and kind != "sampled":
+      raise ValueError(f"the {kind} softmax reads the whole item table; gathered rows serve a sampled loss only")
+    table, bias = self.output_table(net, frozen) if item_rows is None else net.item_table(item_rows)
     bounds = dict(lo=NUM_RESERVED, hi=self.vocab_size)
     if kind == "full":
       return losses.full_softmax_xent(queries, table, bias, targets, **bounds)
     if kind == "chunked":
       chunk = self.loss_chunk or max(256, (6400 * 256) // queries.shape[0])
       return losses.chunked_softmax_xent(queries, table, bias, targets, chunk=chunk, **bounds)
-    nll, correct, _ = losses.sampled_softmax_xent(
-        queries, table, bias, targets, w, rng, num_negatives=self.num_negatives, sampler=self.negatives,
-        popularity_mix=self.popularity_mix, in_batch=self.in_batch_negatives, frozen=frozen, **bounds)
+    nll, correct, _ = losses.sampled_softmax_xent(queries, table, bias, targets, w, rng, **self._sampling(frozen))
     return nll, correct
 
   def loss_and_metrics(self, nll, correct, w, batch):

@@ -324,16 +324,24 @@ class Flare(bert4rec.Bert4Rec):
   def hidden(self, net, batch, *, deterministic: bool, rngs=None):
     context = self._context(net, batch, deterministic=deterministic, rngs=rngs)
     return net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
-                      deterministic=deterministic, rngs=rngs, extra=context)
+                      deterministic=deterministic, rngs=rngs, extra=context, item_rows=batch.get("item_rows"))
+
+  def item_ids(self, batch, rng):
+    """Bert4Rec's (inputs cover the InfoNCE's ID embeddings), with the negatives of
+    `loss_fn`'s stream; None with `output_text`, whose output table mixes every item's
+    sentence into the IDs (the whole table is read)."""
+    if rng is None or self.train_loss != "sampled" or self.output_text:
+      return None
+    return self._item_ids(batch, _negatives_rng(rng))
 
   def loss_fn(self, net: FlareNetwork, batch, rng):
     deterministic = rng is None
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
     context = self._context(net, batch, deterministic=deterministic, rngs=rngs)
     hidden = net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
-                        deterministic=deterministic, rngs=rngs, extra=context)
+                        deterministic=deterministic, rngs=rngs, extra=context, item_rows=batch.get("item_rows"))
     # A sampled loss draws its negatives from a stream of its own.
-    neg_rng = None if deterministic else jax.random.fold_in(rng, 0x5A3)
+    neg_rng = None if deterministic else _negatives_rng(rng)
     cloze, metrics = self.cloze_loss(net, hidden, batch, neg_rng)
     if context is None or self.alpha == 1.0:
       return cloze, metrics
@@ -353,7 +361,7 @@ class Flare(bert4rec.Bert4Rec):
     _, index = jax.lax.top_k(jnp.where(eligible, noise, -1.0), n)
     valid = eligible[index]
     ids = inputs[index]
-    table, _ = net.item_table()
+    table, _ = net.item_table(batch.get("item_rows"))
     a = _normalize(table[ids].astype(jnp.float32))
     b = _normalize(context.reshape(-1, context.shape[-1])[index].astype(jnp.float32))
     cos = a @ b.T
@@ -381,6 +389,10 @@ def sentence_table(states: np.ndarray, mask: np.ndarray, chunk: int = 1024) -> n
     norm = np.linalg.norm(mean, axis=-1, keepdims=True)
     out[start:start + chunk] = np.where(norm > 0, mean / np.maximum(norm, 1e-12), 0.0)
   return out
+
+
+def _negatives_rng(rng):
+  return jax.random.fold_in(rng, 0x5A3)
 
 
 def _normalize(x, eps: float = 1e-6):

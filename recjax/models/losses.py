@@ -158,8 +158,7 @@ def draw_negatives(rng, n: int, *, sampler: str, lo: int, hi: int, popularity_mi
   """(ids [n], log expected count function) of n ids shared by the step."""
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown negative sampler {sampler!r}; choose one of {SAMPLERS}")
-  n_pop = n if sampler == "popularity" else (round(popularity_mix * n) if sampler == "mixed" else 0)
-  n_uni = n - n_pop
+  n_uni, n_pop = _mix(n, sampler, popularity_mix)
   parts = []
   uni_rng, pop_rng = jax.random.split(rng) if n_pop else (rng, None)
   if n_uni:
@@ -179,6 +178,25 @@ def _popularity(frozen):
   return frozen
 
 
+def _mix(n: int, sampler: str, popularity_mix: float) -> tuple[int, int]:
+  """(uniform, popularity) counts of n drawn negatives."""
+  n_pop = n if sampler == "popularity" else (round(popularity_mix * n) if sampler == "mixed" else 0)
+  return n - n_pop, n_pop
+
+
+def negative_ids(rng, *, lo: int, hi: int, num_negatives: int = 0, sampler: str = "uniform",
+                 popularity_mix: float = 0.5, in_batch: int = 0, frozen=None):
+  """The ids [num_negatives] that `sampled_softmax_xent` draws from `rng` given the same
+  arguments (its in-batch negatives are some of the step's targets): one function for
+  both, so a train step can list the rows its loss will read before running it."""
+  if not num_negatives:
+    return jnp.zeros((0,), jnp.int32)
+  # The negatives come from `rng` itself when there is no in-batch part.
+  neg_rng = jax.random.split(rng)[0] if in_batch else rng
+  return draw_negatives(neg_rng, num_negatives, sampler=sampler, lo=lo, hi=hi, popularity_mix=popularity_mix,
+                        frozen=frozen)[0]
+
+
 def sampled_softmax_xent(queries, table, bias, targets, weights, rng, *, lo: int, hi: int,
                          num_negatives: int = 0, sampler: str = "uniform", popularity_mix: float = 0.5,
                          in_batch: int = 0, frozen=None):
@@ -190,21 +208,22 @@ def sampled_softmax_xent(queries, table, bias, targets, weights, rng, *, lo: int
   candidates] = log(n_uniform / (hi - lo) + (n_popularity + in_batch) * p(id)); a
   candidate equal to the query's target is masked (the target is scored once, as the
   positive). `correct`: the target beats every candidate (a sampled accuracy).
+
+  `table` and `bias` are only indexed by ids (`table[ids]`), so they may be views that
+  read a gathered subset of rows (`recjax.models.base.ItemRows.view`).
   """
   if num_negatives + in_batch <= 0:
     raise ValueError("a sampled softmax needs num_negatives > 0 or in_batch_negatives > 0")
-  neg_rng, batch_rng = jax.random.split(rng) if in_batch else (rng, None)
   ids, valid = [], []
-  n_uni = n_pop = 0
+  n_uni, n_pop = _mix(num_negatives, sampler, popularity_mix) if num_negatives else (0, 0)
   if num_negatives:
-    # The negatives come from `rng` itself when there is no in-batch part (as before).
-    sampled, n_uni, n_pop = draw_negatives(neg_rng, num_negatives, sampler=sampler, lo=lo, hi=hi,
-                                           popularity_mix=popularity_mix, frozen=frozen)
+    sampled = negative_ids(rng, lo=lo, hi=hi, num_negatives=num_negatives, sampler=sampler,
+                           popularity_mix=popularity_mix, in_batch=in_batch, frozen=frozen)
     ids.append(sampled)
     valid.append(jnp.ones(sampled.shape, bool))
   if in_batch:
     k = min(in_batch, targets.shape[0])
-    noise = jnp.where(weights > 0, jax.random.uniform(batch_rng, weights.shape), -1.0)
+    noise = jnp.where(weights > 0, jax.random.uniform(jax.random.split(rng)[1], weights.shape), -1.0)
     _, index = jax.lax.top_k(noise, k)
     ids.append(targets[index])
     valid.append(weights[index] > 0)

@@ -141,19 +141,28 @@ class Trainer:
 
   def make_train_step(self):
     base_key = jax.random.key(self.seed)
+    # The sparse optimizer (recjax/train/sparse.py) with a model that lists the item rows
+    # its loss reads (`item_ids`, recjax/models/base.py): only those rows are differentiated.
+    gathered_update = getattr(self.tx, "gathered_update", None)
+    item_ids = getattr(self.model, "item_ids", None) if gathered_update is not None else None
 
     def step(state: TrainState, batch, frozen):
       rng = jax.random.fold_in(base_key, state.step)  # a pure function of the step: resumable
       if frozen:
         batch = dict(batch, frozen=frozen)
+      ids = item_ids(batch, rng) if item_ids is not None else None
+      if ids is not None:
+        loss_of = lambda params, rows: self.model.loss_fn(self.network(params), dict(batch, item_rows=rows), rng)
+        (loss, metrics), grad_norm, params, opt_state = gathered_update(loss_of, ids, state.params, state.opt_state)
+      else:
+        def loss_fn(params):
+          return self.model.loss_fn(self.network(params), batch, rng)
 
-      def loss_fn(params):
-        return self.model.loss_fn(self.network(params), batch, rng)
-
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+      metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                      learning_rate=jnp.asarray(self.schedule(state.step), jnp.float32))
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
