@@ -50,6 +50,20 @@ def _provider(mixture_or_task_name_or_obj) -> seqio.DatasetProviderBase:
                      "registers it (e.g. recjax.tasks) imported?") from e
 
 
+def train_item_counts(mixture_or_task_name: str, rows: int) -> np.ndarray:
+  """Item counts [rows] (int64) over the training split of a task, or of a mixture's first
+  task (a mixture's tasks share one item-sequence source); PAD and MASK count 0. The
+  popularity baseline's scores and a popularity sampler's source."""
+  provider = _provider(mixture_or_task_name)
+  task = provider.tasks[0] if isinstance(provider, seqio.Mixture) else provider
+  counts = np.zeros(rows, np.int64)
+  ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, trim_output_features=False)
+  for ex in ds.as_numpy_iterator():
+    np.add.at(counts, ex["items"], 1)
+  counts[:vocab.NUM_RESERVED] = 0
+  return counts
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
   """The shuffle / preprocessing seed of one epoch, well mixed and < 2**31."""
   return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0] >> 1)

@@ -60,13 +60,6 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
     yield batch
 
 
-def _first_task(name: str):
-  import seqio
-  import recjax.tasks  # noqa: F401
-  provider = seqio.get_mixture_or_task(name)
-  return provider.tasks[0] if isinstance(provider, seqio.Mixture) else provider
-
-
 def eval_task_names(name: str) -> list[str]:
   """A task evaluates as itself; a mixture as each of its tasks (a mixture's examples are
   sampled endlessly, so it has no finite split to rank)."""
@@ -78,13 +71,9 @@ def eval_task_names(name: str) -> list[str]:
 
 def train_popularity(mixture_or_task_name: str, vocab_size: int) -> np.ndarray:
   """Item counts over the training split (the popularity baseline's scores)."""
-  task = _first_task(mixture_or_task_name)  # a mixture's tasks share one item sequence source
-  counts = np.zeros(vocab_size, np.float32)
-  ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, trim_output_features=False)
-  for ex in ds.as_numpy_iterator():
-    np.add.at(counts, ex["items"], 1.0)
-  counts[:NUM_RESERVED] = 0
-  return counts
+  import recjax.tasks  # noqa: F401
+  from recjax.data import pipeline
+  return pipeline.train_item_counts(mixture_or_task_name, vocab_size).astype(np.float32)
 
 
 def checkpoint_dir(model_dir, checkpoint: str = "latest") -> pathlib.Path:

@@ -29,27 +29,15 @@ def fetch(model, task_name: str) -> dict:
     elif isinstance(spec, base.StringStates):
       arrays[key], arrays[f"{key}_mask"] = string_states(task_name, spec)
     elif isinstance(spec, base.TrainItemCounts):
-      arrays[key] = train_item_counts(task_name, spec.rows)
+      import recjax.tasks  # noqa: F401  (registers the tasks)
+      from recjax.data import pipeline
+      arrays[key] = pipeline.train_item_counts(task_name, spec.rows)
     else:
       raise TypeError(f"{type(model).__name__}.frozen_input_specs()[{key!r}] is a {type(spec).__name__}; "
                       "expected a spec of recjax.models.base (TaskArray, ItemTextStates, StringStates, "
                       "TrainItemCounts)")
   finish = getattr(model, "finish_frozen", None)
   return finish(arrays) if finish is not None else arrays
-
-
-def train_item_counts(task_name: str, rows: int) -> np.ndarray:
-  """Item counts [rows] over a task's training split (a popularity sampler's source)."""
-  import seqio
-  import recjax.tasks  # noqa: F401  (registers the tasks)
-  provider = seqio.get_mixture_or_task(task_name)
-  task = provider.tasks[0] if isinstance(provider, seqio.Mixture) else provider
-  counts = np.zeros(rows, np.int64)
-  ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, trim_output_features=False)
-  for ex in ds.as_numpy_iterator():
-    np.add.at(counts, ex["items"], 1)
-  counts[:2] = 0  # PAD, MASK
-  return counts
 
 
 def _cache_dir(task_name: str, cache_dir: str | None) -> str:
