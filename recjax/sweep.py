@@ -83,7 +83,9 @@ def sweep(args, gin_bindings: list[str], seeds: Sequence[int]) -> dict:
   summary = {"seeds": list(seeds), "protocol": payload["protocol"], "mean_std": aggregate(runs), "runs": runs}
   base.mkdir(parents=True, exist_ok=True)
   (base / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
-  columns = [c for k in (5, 10, 20) for c in (f"recall@{k}", f"ndcg@{k}")]
+  present = {m for row in summary["mean_std"].values() for m in row} - {"count"}
+  columns = [c for k in (5, 10, 20) for c in (f"recall@{k}", f"ndcg@{k}") if c in present]
+  columns += sorted(present - set(columns))  # mrr, an evaluator's own (sentiment m@k, ...)
   print(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± sample std:")
   print(format_summary(summary["mean_std"], columns))
   print(f"({payload['protocol']})\nper-seed results: {base / 'sweep.json'}", flush=True)
