@@ -625,3 +625,18 @@ def test_early_stopping_counts_evaluations_without_a_gain():
     loop.EarlyStopping(metric="recall@10").load(es.state())
   with pytest.raises(ValueError, match="not among the validator's metrics"):
     loop.EarlyStopping(metric="hr@10").update(1, {"ndcg@10": 0.1})
+
+
+def test_a_sparse_optimizer_checkpoint_evaluates(tsyn, tmp_path):
+  """evaluate restores with the experiment's own optimizer (here the sparse one), whose
+  state is shaped unlike the default AdamW's."""
+  run = ["--gin_file=experiments/sasrec_beauty_sampled_sparse.gin", "--gin.MIXTURE_OR_TASK_NAME='tsyn_items'",
+         "--gin.TASK_FEATURE_LENGTHS={'items': 20}", "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=4",
+         "--gin.sasrec.SASRec.max_length=20", "--gin.sasrec.SASRec.dim=16", "--gin.sasrec.SASRec.mlp_dim=32",
+         "--gin.sasrec.SASRec.num_negatives=32", "--gin.sasrec.SASRec.in_batch_negatives=8",
+         "--gin.sparse.make_optimizer.max_rows=512", f"--gin.MODEL_DIR={tmp_path}"]
+  out = recjax("train", *run, dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  out = recjax("evaluate", *run, dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads((tmp_path / "eval_step_4.json").read_text())["results"]["test/model"]["count"] > 250

@@ -96,7 +96,7 @@ def restore_checkpoint(model, mixture_or_task_name: str, model_dir, mesh, rules,
   from recjax.train import checkpoint as ckpt_lib
   from recjax.train import loop
   net_model = loop.build_model(model, mixture_or_task_name, task_feature_lengths)
-  trainer = loop.Trainer(net_model, mesh, tuple(rules),
+  trainer = loop.Trainer(net_model, mesh, tuple(rules), optimizer_fn=_training_optimizer(),
                          frozen_inputs=loop.frozen_inputs(net_model, mixture_or_task_name))
   checkpointer = ckpt_lib.Checkpointer(model_dir)
   step = checkpointer.latest_step() if step is None else step
@@ -106,6 +106,17 @@ def restore_checkpoint(model, mixture_or_task_name: str, model_dir, mesh, rules,
                                      task=mixture_or_task_name)
   checkpointer.close()
   return net_model, trainer, state.params, step
+
+
+def _training_optimizer() -> Callable:
+  """The optimizer the experiment trains with (its gin `loop.train.optimizer`, e.g. the
+  sparse one): the checkpoint's optimizer state restores only into the same structure."""
+  from recjax.train import loop
+  try:
+    ref = gin.query_parameter("loop.train.optimizer")
+  except (ValueError, KeyError):  # no training binding in this config: the default optimizer
+    return loop.make_optimizer
+  return getattr(ref, "scoped_configurable_fn", ref)
 
 
 def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, step=None) -> tuple[Scorer, int]:
