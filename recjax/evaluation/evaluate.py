@@ -230,9 +230,9 @@ def evaluate(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
       splits=tuple(splits), batch_size=batch_size, ks=tuple(ks), exclude_history=exclude_history,
       popularity_baseline=popularity_baseline)
   step = source.step
-  kind = "export" if exported_dir else ("best checkpoint" if checkpoint == "best" else "checkpoint")
+  source_kind = "export" if exported_dir else ("best checkpoint" if checkpoint == "best" else "checkpoint")
   payload = {"step": step, "task": mixture_or_task_name, "evaluator": name, "protocol": protocol,
-             "results": results, "source": kind}
+             "results": results, "source": source_kind}
   if jax.process_index() == 0:
     fname = ("eval_export.json" if exported_dir else
              f"eval_best_step_{step}.json" if checkpoint == "best" else f"eval_step_{step}.json")

@@ -6,7 +6,6 @@ an export directory), so neither imports the other.
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable
 
 import jax
@@ -14,20 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-_JITTED: dict[tuple, tuple] = {}
-
-
 def jitted_for(trainer, key: tuple, build: Callable[[], Callable]) -> Callable:
   """The jitted function `build()` made for this trainer (and `key`: model, options), built
-  once: a run that validates every N steps compiles its evaluation functions once. Held
-  while the trainer lives (a weak reference; the trainer is an unhashable dataclass)."""
-  entry = _JITTED.get((id(trainer), *key))
-  if entry is None or entry[0]() is not trainer:
-    for k in [k for k, (ref, _) in _JITTED.items() if ref() is None]:
-      del _JITTED[k]
-    entry = (weakref.ref(trainer), build())
-    _JITTED[(id(trainer), *key)] = entry
-  return entry[1]
+  once and kept in the trainer's `jit_cache`: a run that validates every N steps compiles
+  its evaluation functions once, and they are freed with the trainer."""
+  if key not in trainer.jit_cache:
+    trainer.jit_cache[key] = build()
+  return trainer.jit_cache[key]
 
 
 class Scorer:

@@ -96,6 +96,9 @@ class Trainer:
   # `queries` as batch["frozen"], are never differentiated, and are not checkpointed
   # (they are a function of the data and the frozen encoder, cached on disk).
   frozen_inputs: dict = dataclasses.field(default_factory=dict)
+  # Functions jitted around this trainer by its users (evaluation's scorer and predictor),
+  # built once per trainer and freed with it.
+  jit_cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   def __post_init__(self):
     abstract = nnx.eval_shape(lambda: self.model.network(nnx.Rngs(self.seed)))
