@@ -38,6 +38,14 @@ read directly gets no gradient). Ids keep their global values everywhere else (f
 tables, popularity, PAD / MASK tests). A model without `item_ids` trains on dense
 gradients of its tables.
 
+Task fields (optional): `TASK_FIELDS` = {constructor argument: (task feature, vocabulary
+attribute)} are passed to MODEL too, e.g. LUMEN's {"num_items": ("inputs_item_ids",
+"vocab_size")} or ReAT's {"spm_model": ("targets", "sentencepiece_model_file")}.
+
+Pretrained starts (optional): `initial_params(fresh)` -> the initial Param state, given the
+freshly initialised one (e.g. a T5 / Gemma checkpoint's weights in its layout); the trainer
+calls it once, before the first step, never on resumption.
+
 Models import nothing from `recjax.train`, `recjax.evaluation`, `tasks`,
 `recjax.data.formats` or `recjax.data.prepare` (tests/test_layering.py checks this).
 """

@@ -131,11 +131,19 @@ class Trainer:
   # -- state ------------------------------------------------------------------------
 
   def init_state(self) -> TrainState:
-    """Parameters born sharded: the initializer is jitted with out_shardings."""
+    """Parameters born sharded: the initializer is jitted with out_shardings. A model with
+    `initial_params(fresh)` (a pretrained start, recjax/models/base.py) then replaces them,
+    outside the jit so that a checkpoint's arrays never become compiled constants."""
     def init():
       params = nnx.state(self.model.network(nnx.Rngs(self.seed)), nnx.Param)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
-    return jax.jit(init, out_shardings=self.state_shardings)()
+    state = jax.jit(init, out_shardings=self.state_shardings)()
+    initial_params = getattr(self.model, "initial_params", None)
+    if initial_params is None:
+      return state
+    params = jax.device_put(initial_params(state.params), self.param_shardings)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+    return TrainState(step=state.step, params=params, opt_state=opt_state)
 
   def network(self, params):
     return nnx.merge(self.graphdef, params)
@@ -193,12 +201,29 @@ def item_vocab_size(task_name: str, feature: str = "items") -> int:
   return provider.output_features[feature].vocabulary.vocab_size
 
 
+def task_fields(model_factory: Callable, task_name: str) -> dict[str, Any]:
+  """The constructor arguments a model class takes from its task's vocabularies
+  (`TASK_FIELDS` = {argument: (feature, vocabulary attribute)}, recjax/models/base.py)."""
+  import seqio
+  import recjax.tasks  # noqa: F401  (registers the tasks)
+  provider = seqio.get_mixture_or_task(task_name)
+  out = {}
+  for arg, (feature, attribute) in getattr(model_factory, "TASK_FIELDS", {}).items():
+    if feature not in provider.output_features:
+      raise ValueError(f"task {task_name!r} has no feature {feature!r} (it has {sorted(provider.output_features)}), "
+                       f"which MODEL reads for {arg!r}; is MODEL the right model for MIXTURE_OR_TASK_NAME?")
+    value = getattr(provider.output_features[feature].vocabulary, attribute)
+    out[arg] = str(value) if isinstance(value, (bytes, pathlib.Path)) else value
+  return out
+
+
 def build_model(model_factory: Callable, task_name: str, task_feature_lengths: dict | None = None):
   """MODEL(vocab_size=...) for a task (the model contract, recjax/models/base.py); a model
   that states the feature lengths it reads (`task_feature_lengths()`) must agree with
   TASK_FEATURE_LENGTHS."""
   from recjax.models import base
-  model = model_factory(vocab_size=item_vocab_size(task_name, base.vocab_feature(model_factory)))
+  model = model_factory(vocab_size=item_vocab_size(task_name, base.vocab_feature(model_factory)),
+                        **task_fields(model_factory, task_name))
   wants = getattr(model, "task_feature_lengths", None)
   if task_feature_lengths is not None and wants is not None:
     bad = {k: (task_feature_lengths.get(k), v) for k, v in wants().items() if task_feature_lengths.get(k) != v}
