@@ -230,42 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--results", default="runs/bench/results")
   q.add_argument("--doc", default="docs/performance.md")
   q.set_defaults(func=cmd_bench_report)
-  q = sub.add_parser("lumen", help="REGEN: LUMEN (item + narrative in one LM), FLARE + LLM's LM, soft-prompt fusion",
-                     description="Trains a Gemma-architecture LM with an item head (recjax/models/lumen.py) "
-                     "on a REGEN-format dataset's ds_lumen_* tasks (with and without critiques), its "
-                     "ds_narrative_* tasks (the true next item given: FLARE + LLM's upper bound) and the "
-                     "'Beyond Retrieval' soft-prompt ablations; reports Recall/NDCG@10 and MRR over the "
-                     "catalogue and BLEU / ROUGE / MiniLM similarity per narrative type (docs/lumen.md). "
-                     "Three steps, run together or apart: prepare (SeqIO -> --examples_dir), train + "
-                     "generate (JAX only: can run on an accelerator machine), score.")
-  q.add_argument("--data", default=None, help="prepared REGEN-format dataset directory (prepares examples)")
-  q.add_argument("--examples_dir", default=None, help="prepared examples (default: DATA/lumen_examples)")
-  q.add_argument("--prepare_only", action="store_true", help="write the examples and stop")
-  q.add_argument("--score", default=None, metavar="JSONL",
-                 help="score the kept outputs of an earlier run (JSON lines) and print the table")
-  q.add_argument("--text_metrics", action=argparse.BooleanOptionalAction, default=True,
-                 help="narrative metrics after generation (--no-text_metrics: keep outputs, score later)")
-  q.add_argument("--dataset", default="regen", help="name its tasks are registered under")
-  q.add_argument("--narratives", default="endorsement,purchase_reason,explanation,brief_summary",
-                 help="comma-separated narrative types, trained together (one instruction each)")
-  q.add_argument("--settings", default="lumen,lumen_no_critiques,narrative",
-                 help="comma-separated: lumen, lumen_no_critiques, narrative, and the 'Beyond Retrieval' "
-                 "soft-prompt ablations fusion_text, fusion_cf, fusion_content, fusion_cf_content, "
-                 "fusion_cf_content_linear (WALS + sentence-embedding soft tokens)")
-  q.add_argument("--steps", type=int, default=1000)
-  q.add_argument("--batch_size", type=int, default=32)
-  q.add_argument("--learning_rate", type=float, default=3e-3)
-  q.add_argument("--eval_limit", type=int, default=500, help="test examples per narrative type")
-  q.add_argument("--inputs_length", type=int, default=None, help="prompt tokens (default 256)")
-  q.add_argument("--targets_length", type=int, default=None, help="target tokens (default 96)")
-  q.add_argument("--hidden_size", type=int, default=128)
-  q.add_argument("--num_layers", type=int, default=4)
-  q.add_argument("--num_heads", type=int, default=4)
-  q.add_argument("--num_kv_heads", type=int, default=1)
-  q.add_argument("--head_dim", type=int, default=32)
-  q.add_argument("--mlp_dim", type=int, default=512)
-  q.add_argument("--log", default=None, help="append one JSON line per setting here")
-  q.set_defaults(func=cmd_lumen)
   q = sub.add_parser("reat", help="ReAT: a T5 encoder-decoder fine-tuned on text-to-text recommendation tasks",
                      description="Trains one T5 v1.1-style encoder-decoder (recjax/models/reat.py; from scratch, "
                      "or --pretrained) per --mixtures entry on a prepared dataset's ReAT tasks and evaluates each "
@@ -515,49 +479,6 @@ def cmd_bench_loop(args) -> None:
                  steps=args.steps, rounds=args.rounds)
 
 
-def cmd_lumen(args) -> None:
-  import json  # pylint: disable=g-import-not-at-top
-  from recjax.models import lumen  # pylint: disable=g-import-not-at-top
-  if args.score:
-    from recjax.models.text import load_text_encoder  # pylint: disable=g-import-not-at-top
-    rows = [json.loads(line) for line in pathlib.Path(args.score).read_text().splitlines() if line.strip()]
-    rows = lumen.score(rows, load_text_encoder("minilm"))
-    for row in rows if args.log else ():
-      lumen._append(args.log, row)  # pylint: disable=protected-access
-    print(lumen.format_results(rows))
-    return
-  split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())
-  settings = split(args.settings)
-  unknown = set(settings) - set(lumen.SETTINGS)
-  if unknown:
-    raise UsageError(f"--settings: unknown {sorted(unknown)}; choose from {', '.join(lumen.SETTINGS)}")
-  if args.data is None and args.examples_dir is None:
-    raise UsageError("give --data (to prepare examples), --examples_dir (prepared ones) or --score")
-  examples = pathlib.Path(args.examples_dir or pathlib.Path(args.data) / "lumen_examples")
-  sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
-               num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, mlp_dim=args.mlp_dim)
-  if args.data is not None:
-    lengths = {"inputs_length": args.inputs_length or 256, "targets_length": args.targets_length or 96}
-    lumen.prepare(args.data, examples, dataset=args.dataset, narratives=split(args.narratives), settings=settings,
-                  eval_limit=args.eval_limit, **lengths, **sizes)
-    if args.prepare_only:
-      print(f"examples of {', '.join(settings)} -> {examples}")
-      return
-  for name in ("inputs_length", "targets_length"):  # given again: must match the prepared examples
-    if getattr(args, name) is not None:
-      sizes[name] = getattr(args, name)
-  encoder = None
-  if args.text_metrics:
-    from recjax.models.text import load_text_encoder  # pylint: disable=g-import-not-at-top
-    encoder = load_text_encoder("minilm")
-  results = lumen.run(examples, settings=settings, steps=args.steps, batch_size=args.batch_size,
-                      learning_rate=args.learning_rate, log_path=args.log, encoder=encoder, **sizes)
-  if args.text_metrics:
-    print(lumen.format_results(results))
-  else:
-    print(f"{len(results)} settings trained; outputs kept for `recjax lumen --score`")
-
-
 def cmd_reat(args) -> None:
   from recjax.models import reat  # pylint: disable=g-import-not-at-top
   mixtures = tuple(x.strip() for x in args.mixtures.split(",") if x.strip())
@@ -756,30 +677,27 @@ def _main_flare(args, work: pathlib.Path) -> None:
 
 
 def _main_lumen(args, work: pathlib.Path) -> None:
-  """The main job's conversational example: a small LUMEN (recjax/models/lumen.py) trained on
-  the REGEN endorsements with critiques; one test user whose last request was a critique:
-  history and critique, the recommended items, the generated endorsement."""
-  from recjax.models import lumen  # pylint: disable=g-import-not-at-top
-  data = work / "prepared" / "synthetic_regen"
-  examples = work / "lumen"
-  sizes = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, mlp_dim=256)
+  """The main job's conversational example: a small LUMEN (gin/experiments/quickstart_lumen.gin)
+  trained on the REGEN endorsements with critiques, evaluated on 200 test users, and one
+  test user whose last request was a critique: history and critique, the recommended
+  items, the generated endorsement."""
+  import json  # pylint: disable=g-import-not-at-top
+  from recjax import gin_cli  # pylint: disable=g-import-not-at-top
+  args.gin_file, args.exported = ["experiments/quickstart_lumen.gin"], None
+  bindings = [f"MODEL_DIR = {str(work / 'lumen')!r}", f"TRAIN_STEPS = {args.lumen_steps}"]
   print(f"\ntraining LUMEN ({args.lumen_steps} steps): next item + endorsement in one LM, critiques in the prompt")
-  lumen.prepare(data, examples, dataset="synthetic_regen", narratives=("endorsement",), settings=("lumen",),
-                eval_limit=200, inputs_length=128, targets_length=48, **sizes)
-  titles = _item_titles(data)
-  vocabulary = lumen.SentencePieceText(examples / "spm.model")
-
-  def show(setting, model, test, generated, top_items):
-    # A critique of the target comes after the last history item, right before the instruction.
-    texts = [vocabulary.decode(row) for row in test["tokens"]]
-    asked = [i for i, text in enumerate(texts) if "User:" in text[text.rfind("Item:"):]]
-    row = asked[0] if asked else 0
-    print(f"\nuser {int(test['user'][row])} (test split), one conversation:")
-    print(lumen.conversation(model, test, row, vocabulary, generated[row], top_items[row], titles))
-
-  rows = lumen.run(examples, steps=args.lumen_steps, batch_size=16, learning_rate=3e-3, callback=show, **sizes)
-  items = rows[0]["items"]
-  print(f"LUMEN test items (200 users): Recall@10 {items['recall@10']:.4f}, NDCG@10 {items['ndcg@10']:.4f}")
+  gin_cli.run_entrypoint("train", args, bindings)
+  result = gin_cli.run_entrypoint("evaluate", args, bindings)
+  path = gin_cli.run_entrypoint("infer", args, bindings)
+  rows = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+  # A critique of the target comes after the last history item, right before the instruction.
+  asked = [r for r in rows if "User:" in r["prompt"][r["prompt"].rfind("Item:"):]]
+  user = (asked or rows)[0]["user_id"]
+  print(f"\nuser {user} (test split), one conversation:")
+  gin_cli.run_entrypoint("infer", args, [*bindings, f"infer_lib.infer.user = {user}"])
+  items = next(m for k, m in result["results"].items() if k.endswith("/items"))
+  print(f"LUMEN test items ({items['count']} users): Recall@10 {items['recall@10']:.4f}, "
+        f"NDCG@10 {items['ndcg@10']:.4f}")
 
 
 def main(argv=None) -> int:

@@ -44,6 +44,9 @@ _REAT = {
 }
 _METRICS = {"retrieval", "ranking", "rating", "bpr"}  # exact-match targets
 SHUFFLE_BUFFER = 10_000
+# The narratives one LUMEN / FLARE + LLM model is trained on (per purchase: endorsement;
+# about the user's last purchase: the other three).
+LUMEN_NARRATIVES = ("endorsement", "purchase_reason", "explanation", "brief_summary")
 
 _ABOUT = {
     "retrieval": "ReAT retrieval: last 20 items as text -> the next item's short id",
@@ -55,6 +58,7 @@ _ABOUT = {
     "lumen": "REGEN LUMEN: history with <item> placeholders and critiques -> 'ID: <item> Text: {}'",
     "narrative": "REGEN narrative given the true next item (FLARE + LLM) -> {}",
     "mixture": "mixture ({}) of {}, equal rates",
+    "lumen_mixture": "mixture of {}, examples-proportional",
 }
 # Task / mixture name -> one-line description, for `recjax tasks list / show`.
 DESCRIPTIONS: dict[str, str] = {}
@@ -74,6 +78,21 @@ def _add_mixture(name: str, tasks: list[str]) -> None:
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
   seqio.MixtureRegistry.add(name, [(t, MIXING_RATE) for t in tasks])
+
+
+@functools.lru_cache(maxsize=None)
+def _train_examples(name: str, data_hash: str) -> int:
+  del data_hash  # part of the key: a re-prepared dataset is counted again
+  task = seqio.get_mixture_or_task(name)
+  ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, use_cached=False,
+                        trim_output_features=False)
+  return int(ds.reduce(0, lambda count, _: count + 1))
+
+
+def train_examples_rate(task: seqio.Task, data_hash: str = "") -> float:
+  """Examples-proportional mixing: the task's training examples, counted once per dataset
+  content (the sources' counts are users, not the windows the preprocessors keep)."""
+  return float(_train_examples(task.name, data_hash))
 
 
 def _pipeline(data_dir: str, step, **kwargs) -> list:
@@ -129,6 +148,19 @@ def register(dataset_name: str, data_dir, *, spm_model: str | None = None,
                   preprocessors=_pipeline(data_dir, step, narrative=narrative, critiques=False))
         DESCRIPTIONS[name] = DESCRIPTIONS[name[:-len("_no_critiques")]].replace(" and critiques", "")
         names.append(name)
+
+  for kind in ("lumen", "lumen_no_critiques", "narrative"):
+    tasks = [f"{dataset_name}_{kind.replace('_no_critiques', '')}_{n}" + ("_no_critiques" if "no_" in kind else "")
+             for n in LUMEN_NARRATIVES]
+    tasks = [t for t in tasks if t in names]
+    if tasks:
+      name = f"{dataset_name}_{kind}"
+      if name in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(name)
+      rate = functools.partial(train_examples_rate, data_hash=dataset.content_hash)
+      seqio.MixtureRegistry.add(name, [(t, rate) for t in tasks])
+      DESCRIPTIONS[name] = _ABOUT["lumen_mixture"].format(", ".join(tasks))
+      names.append(name)
 
   for mixture, families in MIXTURES.items():
     if mixture == "rpat" and "rating" not in reat:

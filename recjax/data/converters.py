@@ -243,17 +243,21 @@ def pack_batch(batch: Mapping[str, tf.Tensor], lens: tf.Tensor, length: int,
   return out
 
 
-def pack_examples(ds: tf.data.Dataset, length: int, window: int = 1024) -> tf.data.Dataset:
+def pack_examples(ds: tf.data.Dataset, length: int, window: int = 1024, order_key: str | None = None) -> tf.data.Dataset:
   """Packs a dataset of rank-1 examples (all features of one length n, 1 <= n <=
-  length) into rows of `length`, first fit decreasing within windows of `window`."""
-  keys = sorted(ds.element_spec)
+  length) into rows of `length`, first fit decreasing within windows of `window`.
+  `order_key` names a uint64 scalar feature per example (`example_keys`): rows are then
+  put in an order drawn from it (see `pack_batch`), not longest first; it is not output."""
+  keys = sorted(k for k in ds.element_spec if k != order_key)
 
   @_plain
   def pack(batch):
-    return _static_rows(pack_batch({k: batch[k] for k in keys}, batch["_len"], length), length)
+    order = batch[order_key] if order_key else None
+    return _static_rows(pack_batch({k: batch[k] for k in keys}, batch["_len"], length, order), length)
 
   ds = ds.map(_plain(lambda ex: {**ex, "_len": tf.size(ex[keys[0]], tf.int32)}))
-  ds = ds.padded_batch(window, padded_shapes={**{k: [length] for k in keys}, "_len": []})
+  shapes = {**{k: [length] for k in keys}, "_len": [], **({order_key: []} if order_key else {})}
+  ds = ds.padded_batch(window, padded_shapes=shapes)
   return ds.map(pack, num_parallel_calls=_AUTOTUNE).unbatch()
 
 
@@ -776,3 +780,191 @@ class PreferenceConverter(EncoderDecoderConverter):
     out = super().get_model_feature_lengths(task_feature_lengths)
     out = {**out, "history": self.max_items, "preferences": self.num_preferences, "sign": 1}
     return {**out, "text": 1} if "text" in self.MODEL_FEATURES else out
+
+
+# --- decoder-only (prefix-LM) rows of text tasks with item slots: LUMEN, FLARE + LLM ---------
+
+
+MAX_ID_PREFIX = 8  # target tokens before the ID slot ("ID:") an evaluation prompt may carry
+
+
+class PrefixLMConverter(seqio.FeatureConverter):
+  """Decoder-only training rows of the REGEN text tasks (seqio's prefix-LM layout), packed.
+
+  Task features: "inputs", "targets" (token ids, EOS last), and optionally
+  "inputs_item_ids" / "targets_item_ids": the items of the `<item>` placeholder tokens
+  (`placeholder_id`) of inputs / targets, in order. An example is the sequence
+  x = inputs + targets; the prompt is cut from the front to `inputs` tokens (its oldest
+  placeholders go with their items) and the targets to `targets` tokens (EOS kept last).
+
+  Model features, each [L] with L = inputs + targets:
+    "decoder_target_tokens"    x: slot t predicts x_t
+    "decoder_input_tokens"     x shifted right within its example (0 first): slot t reads x_{t-1}
+    "decoder_input_item_ids"   the item of x_{t-1} where it is a placeholder, else 0
+    "decoder_target_item_ids"  the item of x_t where it is a target placeholder (the ID the
+                               item softmax predicts), else 0
+    "decoder_loss_weights"     float32: 1 on the other target tokens (the text softmax)
+    "decoder_segment_ids"      1..k along a packed row (1 unpacked), 0 on padding
+    "decoder_positions"        0-based per example
+
+  Packing is first fit decreasing over windows of `window` examples (`pack_examples`);
+  unpacked, each example is right-padded to L. A placeholder count that differs from its
+  item ids is an error naming the counts. Deterministic: the pipeline may pack a Task's
+  epoch once and reshuffle its rows.
+  """
+
+  TASK_FEATURES = {"inputs": FeatureSpec(tf.int32), "targets": FeatureSpec(tf.int32)}
+  MODEL_FEATURES = {
+      "decoder_target_tokens": FeatureSpec(tf.int32),
+      "decoder_input_tokens": FeatureSpec(tf.int32),
+      "decoder_input_item_ids": FeatureSpec(tf.int32),
+      "decoder_target_item_ids": FeatureSpec(tf.int32),
+      "decoder_loss_weights": FeatureSpec(tf.float32),
+      "decoder_segment_ids": FeatureSpec(tf.int32),
+      "decoder_positions": FeatureSpec(tf.int32),
+  }
+  PACKING_FEATURE_DTYPES: Mapping[str, tf.dtypes.DType] = {}
+
+  def __init__(self, *, placeholder_id: int, pack: bool = True, window: int = 1024):
+    super().__init__(pack=pack, apply_length_check=False)
+    self.placeholder_id, self.window = int(placeholder_id), int(window)
+
+  def __repr__(self):
+    return f"{type(self).__name__}(placeholder_id={self.placeholder_id}, pack={self.pack})"
+
+  def epoch_invariant_rows(self) -> tuple["PrefixLMConverter", None]:
+    return self, None
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    missing = {"inputs", "targets"} - set(task_feature_lengths)
+    if missing:
+      raise ValueError(f"{type(self).__name__} needs task_feature_lengths for {sorted(missing)}, got "
+                       f"{dict(task_feature_lengths)}")
+    conv = copy.copy(self)  # per call: the passthrough features present decide the specs
+    conv.MODEL_FEATURES = conv._model_features(ds.element_spec)
+    lengths = {k: int(task_feature_lengths[k]) for k in ("inputs", "targets")}
+    return seqio.FeatureConverter.__call__(conv, ds, lengths)
+
+  def _model_features(self, spec) -> dict[str, FeatureSpec]:
+    del spec
+    return dict(self.MODEL_FEATURES)
+
+  def _sequence(self, ex, inputs_length: int, targets_length: int) -> dict[str, tf.Tensor]:
+    """One example's unshifted sequence: tokens, items (at placeholders), prompt length."""
+    ph = self.placeholder_id
+    inputs, targets = tf.cast(_dense(ex["inputs"]), tf.int32), tf.cast(_dense(ex["targets"]), tf.int32)
+    in_items = tf.cast(_dense(ex["inputs_item_ids"]), tf.int32) if "inputs_item_ids" in ex else tf.zeros([0], tf.int32)
+    tg_items = tf.cast(_dense(ex["targets_item_ids"]), tf.int32) if "targets_item_ids" in ex else tf.zeros([0], tf.int32)
+    cut = tf.maximum(tf.shape(inputs)[0] - inputs_length, 0)
+    gone = tf.reduce_sum(tf.cast(tf.equal(inputs[:cut], ph), tf.int32))  # their items go too
+    inputs, in_items = inputs[cut:], in_items[gone:]
+    n_t = tf.shape(targets)[0]
+    targets = tf.cond(n_t > targets_length, lambda: tf.concat([targets[:targets_length - 1], targets[-1:]], 0),
+                      lambda: targets)
+    tokens = tf.concat([inputs, targets], 0)
+    ids = tf.concat([in_items, tg_items], 0)
+    slots = tf.cast(tf.where(tf.equal(tokens, ph)), tf.int32)
+    check = tf.debugging.assert_equal(
+        tf.shape(slots)[0], tf.shape(ids)[0],
+        message=f"{type(self).__name__}: the number of item placeholder tokens (id {ph}) of an example's "
+                "kept inputs + targets differs from its inputs_item_ids + targets_item_ids")
+    with tf.control_dependencies([check]):
+      items = tf.scatter_nd(slots, ids, tf.shape(tokens))
+    return {"tokens": tokens, "items": items, "prompt": tf.shape(inputs)[0]}
+
+  def _convert_features(self, ds, task_feature_lengths):
+    il, tl = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    length = il + tl
+
+    def row(ex):
+      s = self._sequence(ex, il, tl)
+      tokens, items = s["tokens"], s["items"]
+      in_target = tf.range(tf.shape(tokens)[0]) >= s["prompt"]
+      shift = lambda x: tf.concat([[0], x[:-1]], 0)
+      return {"decoder_target_tokens": tokens, "decoder_input_tokens": shift(tokens),
+              "decoder_input_item_ids": shift(items),
+              "decoder_target_item_ids": tf.where(in_target, items, 0),
+              "decoder_loss_weights": tf.cast(in_target & tf.equal(items, 0), tf.float32)}
+
+    ds = ds.map(_plain(row), num_parallel_calls=_AUTOTUNE)
+    if self.pack:
+      # Rows in an order drawn from their examples' content, not longest first (a batch of
+      # consecutive rows then has no length profile), the same on every run.
+      def keyed(ex):
+        text = tf.strings.reduce_join(tf.strings.as_string(ex["decoder_target_tokens"]), separator=",")
+        return {**ex, "_key": example_keys(0, 0, tf.strings.to_hash_bucket_fast(text, 2**62))}
+
+      rename = {"segment_ids": "decoder_segment_ids", "positions": "decoder_positions"}
+      ds = pack_examples(ds.map(_plain(keyed)), length, self.window, order_key="_key")
+      return ds.map(_plain(lambda r: {rename.get(k, k): v for k, v in r.items()}))
+
+    def pad(ex):
+      n = tf.shape(ex["decoder_target_tokens"])[0]
+      out = {k: tf.ensure_shape(_pad_to(v, length), [length]) for k, v in ex.items()}
+      out["decoder_segment_ids"] = tf.cast(tf.range(length) < n, tf.int32)
+      out["decoder_positions"] = tf.range(length) * out["decoder_segment_ids"]
+      return out
+
+    return ds.map(_plain(pad), num_parallel_calls=_AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    length = task_feature_lengths["inputs"] + task_feature_lengths["targets"]
+    return {k: (length if spec.rank else 1) for k, spec in self.MODEL_FEATURES.items()}
+
+
+class PrefixLMEvalConverter(PrefixLMConverter):
+  """Evaluation / generation rows of the same tasks: one example per row, the prompt
+  left-padded so that every row continues at the same slot.
+
+  The prompt is 0 (the first slot's input, as in training), the kept inputs, and the
+  target tokens before its item placeholder, if it has one ("ID:" of a LUMEN target; at
+  most MAX_ID_PREFIX tokens). Model features:
+    "prompt_tokens", "prompt_item_ids", "prompt_mask"  [1 + inputs + MAX_ID_PREFIX]
+    "item_target"  int32 []  the target's item (0: the target names none)
+    "user_id" and "targets_pretokenized" (the reference text) pass through when present.
+  """
+
+  PASSTHROUGH = {"user_id": FeatureSpec(tf.int32, rank=0), "targets_pretokenized": FeatureSpec(tf.string, rank=0)}
+
+  def __init__(self, *, placeholder_id: int):
+    super().__init__(placeholder_id=placeholder_id, pack=False)
+
+  def epoch_invariant_rows(self):
+    raise NotImplementedError("evaluation rows are not trained on")
+
+  def _model_features(self, spec) -> dict[str, FeatureSpec]:
+    out = {"prompt_tokens": FeatureSpec(tf.int32), "prompt_item_ids": FeatureSpec(tf.int32),
+           "prompt_mask": FeatureSpec(tf.int32), "item_target": FeatureSpec(tf.int32, rank=0)}
+    return {**out, **{k: v for k, v in self.PASSTHROUGH.items() if k in spec}}
+
+  def _convert_features(self, ds, task_feature_lengths):
+    il, tl = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    width = 1 + il + MAX_ID_PREFIX
+    ph = self.placeholder_id
+
+    def row(ex):
+      s = self._sequence(ex, il, tl)
+      tokens, items, prompt = s["tokens"], s["items"], s["prompt"]
+      in_target = tf.where(tf.equal(tokens[prompt:], ph))[:, 0]
+      has_item = tf.size(in_target) > 0
+      stop = prompt + tf.cond(has_item, lambda: tf.cast(in_target[0], tf.int32), lambda: 0)
+      check = tf.debugging.assert_less_equal(
+          stop - prompt, MAX_ID_PREFIX, message=f"the target's item placeholder comes after more than "
+                                                f"{MAX_ID_PREFIX} tokens (MAX_ID_PREFIX)")
+      with tf.control_dependencies([check]):
+        keep_tokens = tf.concat([[0], tokens[:stop]], 0)
+      keep_items = tf.concat([[0], items[:stop]], 0)
+      pad = lambda x: tf.ensure_shape(tf.pad(x, [[width - tf.shape(x)[0], 0]]), [width])  # left
+      out = {"prompt_tokens": pad(keep_tokens), "prompt_item_ids": pad(keep_items),
+             "prompt_mask": pad(tf.ones_like(keep_tokens)),
+             "item_target": tf.where(has_item, items[stop], 0)}
+      for k in self.PASSTHROUGH:
+        if k in ex:
+          out[k] = tf.cast(ex[k], self.PASSTHROUGH[k].dtype)
+      return out
+
+    return ds.map(_plain(row), num_parallel_calls=_AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    width = 1 + task_feature_lengths["inputs"] + MAX_ID_PREFIX
+    return {k: (width if spec.rank else 1) for k, spec in self.MODEL_FEATURES.items()}

@@ -318,6 +318,11 @@ class DatasetVocabulary(seqio.SentencePieceVocabulary):
     self._model_context()
     return self._sentencepiece_model_file
 
+  @property
+  def item_placeholder_id(self) -> int:
+    """The `<item>` token the LUMEN / narrative tasks pair with their item ids."""
+    return item_placeholder_id(self)
+
   def __repr__(self):
     return f"DatasetVocabulary({self._data_dir!r}, file={self._sentencepiece_model_file or '<on first use>'})"
 

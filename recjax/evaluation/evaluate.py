@@ -39,7 +39,10 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
   if batch_size % n_proc:
     raise ValueError(f"eval batch_size {batch_size} is not divisible by {n_proc} processes")
   local = batch_size // n_proc
-  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, trim_output_features=False)
+  # The lengths reach the preprocessors (text prompts keep the newest whole items that
+  # fit, as in training); the converters, not seqio, cut what remains.
+  ds = task.get_dataset(sequence_length=dict(task_feature_lengths), split=split, shuffle=False,
+                        trim_output_features=False)
   ds = converter(ds, task_feature_lengths)
   total = task.num_input_examples(split)
   if n_proc > 1:

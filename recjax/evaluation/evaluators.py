@@ -10,6 +10,8 @@ of an evaluator are gin bindings of its function (e.g.
 
   ranking               full-catalogue ranking (queries . item table), popularity baseline
   generative_retrieval  decode K items (constrained beams), rank the target among them
+  lumen                 LM recommenders that write (LUMEN, FLARE + LLM's LM): item metrics
+                        from the item softmax, narrative metrics of the generated texts
   preference_axes       the preference-discerning benchmark's test axes (recommendation,
                         fine / coarse steering, consolidation: Recall / NDCG; sentiment
                         following: m@k) of a model over semantic IDs (TIGER, Mender_Emb)
@@ -125,6 +127,35 @@ def generative_retrieval(*, source: Source, mixture_or_task_name: str, task_feat
   protocol = (f"generative retrieval: {num_beams} beams, {mode} decoding, target ranked among the decoded "
               "items, history not excluded")
   return results, protocol
+
+
+@register("lumen")
+def lumen(*, source: Source, mixture_or_task_name: str, task_feature_lengths, splits, batch_size: int, ks,
+          max_rows: int | None = None, sentence_encoder: str | None = "minilm", **_) -> tuple[dict, str]:
+  """Item metrics (full catalogue, nothing excluded) and narrative metrics per task
+  (`recjax.evaluation.text_generation`); `max_rows` caps the rows of each task and split,
+  `sentence_encoder` (None: none) scores the narratives' similarity."""
+  import seqio
+  import recjax.tasks  # noqa: F401
+  from recjax.evaluation import text_generation
+  max_new_tokens = int(task_feature_lengths["targets"])
+  if source.export_dir:
+    from recjax.evaluation import exported
+    generate = exported.load_text_generator(source.export_dir)
+    converter = exported.load_eval_converter(source.export_dir)
+  else:
+    generate = text_generation.checkpoint_generator(source.model, source.trainer, source.params,
+                                                    num_items=max(ks), max_new_tokens=max_new_tokens)
+    converter = source.model.eval_feature_converter()
+  encoder = None
+  if sentence_encoder:
+    from recjax.models.text import load_text_encoder
+    encoder = load_text_encoder(sentence_encoder)
+  vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
+  return text_generation.evaluate(generate=generate, converter=converter, vocabulary=vocabulary,
+                                  mixture_or_task_name=mixture_or_task_name,
+                                  task_feature_lengths=task_feature_lengths, splits=splits, batch_size=batch_size,
+                                  ks=ks, put=source.put, max_rows=max_rows, encoder=encoder)
 
 
 @register("preference_axes")
