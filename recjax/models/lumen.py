@@ -42,10 +42,10 @@ log = logging.getLogger("recjax.lumen")
 
 class LumenNetwork(nnx.Module):
   def __init__(self, cfg: gemma.GemmaConfig, num_items: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               soft_dim: int = 0, adapter: str = "mlp"):
+               soft_dim: int = 0, adapter: str = "mlp", item_rows: int | None = None):
     self.lm = gemma.Gemma(cfg, rngs=rngs, dtype=dtype)
     # Same init and sqrt(hidden) input scale as the token embedding: an item is one more token.
-    self.items = nnx.Embed(num_items, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+    self.items = nnx.Embed(item_rows or num_items, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
                            embedding_init=layers.param_init(nnx.initializers.normal(0.02), "vocab", "embed"))
     self.num_items = num_items
     # "Beyond Retrieval" adapter: one interaction's [CF ; content] vector -> one soft token.
@@ -72,10 +72,11 @@ class LumenNetwork(nnx.Module):
     return jnp.where((item_ids > 0)[..., None], items, x)
 
   def item_logits(self, hidden):
-    """float32 [..., num_items]; the reserved ids (PAD, MASK) are never recommended."""
+    """float32 [..., table rows]; the reserved ids (PAD, MASK) and the padding rows past
+    the catalogue are never recommended."""
     logits = self.items.attend(hidden).astype(jnp.float32)
-    reserved = jnp.arange(self.num_items) < NUM_RESERVED
-    return jnp.where(reserved, -jnp.inf, logits)
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where((ids < NUM_RESERVED) | (ids >= self.num_items), -jnp.inf, logits)
 
 
 @dataclasses.dataclass
@@ -102,6 +103,10 @@ class Lumen:
   # Item-softmax slots read per row: a packed row holds one target item per example; more
   # than this many are counted in "dropped_targets", never silently skipped.
   item_slots: int = 16
+  # Text vocabulary and item table rows padded to a multiple, so that they split evenly over
+  # any mesh axis (t5x pads its vocabularies alike); padded ids are never targets, and the
+  # padded item rows are never recommended.
+  vocab_multiple: int = 128
   # "Beyond Retrieval" soft prompts: one token per history interaction (newest `soft_tokens`),
   # from the frozen tables "cf" (WALS item vectors / mean norm) and / or "content" (sentence
   # embedding of item text + review), through an MLP or linear adapter; prepended to the prompt.
@@ -133,7 +138,7 @@ class Lumen:
     return tuple(p for p in ("cf", "content") if p in self.soft_prompt.split("+"))
 
   def gemma_config(self) -> gemma.GemmaConfig:
-    return gemma.GemmaConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+    return gemma.GemmaConfig(vocab_size=self._padded(self.vocab_size), hidden_size=self.hidden_size,
                              intermediate_size=self.mlp_dim, num_hidden_layers=self.num_layers,
                              num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
                              head_dim=self.head_dim, pad_token_id=0, eos_token_id=1)  # seqio's ids
@@ -143,7 +148,11 @@ class Lumen:
       raise ValueError(f"Lumen needs vocab_size and num_items from the task, got {self.vocab_size}, "
                        f"{self.num_items}")
     soft_dim = sum({"cf": self.cf_dim, "content": self.content_dim}[p] for p in self.soft_parts)
-    return LumenNetwork(self.gemma_config(), self.num_items, rngs=rngs, soft_dim=soft_dim, adapter=self.adapter)
+    return LumenNetwork(self.gemma_config(), self.num_items, rngs=rngs, soft_dim=soft_dim, adapter=self.adapter,
+                        item_rows=self._padded(self.num_items))
+
+  def _padded(self, n: int) -> int:
+    return -(-n // self.vocab_multiple) * self.vocab_multiple
 
   # -- data ---------------------------------------------------------------------------
 
@@ -189,7 +198,7 @@ class Lumen:
     iw = (label > 0).astype(jnp.float32)
     item_logits = net.item_logits(jnp.take_along_axis(hidden, slots[..., None], 1))
     item_nll = jax.nn.logsumexp(item_logits, -1) - jnp.take_along_axis(item_logits, label[..., None], -1)[..., 0]
-    item_sum = jnp.sum(item_nll * iw)
+    item_sum = jnp.sum(jnp.where(iw > 0, item_nll, 0.0))  # empty slots read PAD, whose logit is -inf
     hits = hits + jnp.sum((jnp.argmax(item_logits, -1) == label) * iw)
     loss_sum, count = loss_sum + item_sum, count + jnp.sum(iw)
     loss = (loss_sum + (self.item_loss_weight - 1.0) * item_sum) / jnp.maximum(count, 1.0)
