@@ -26,11 +26,13 @@ NUM_RESERVED = ranking.NUM_RESERVED
 
 
 def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_lengths,
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+                 batch_size: int, sequence_length=None) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of a split as fixed-size numpy batches with a "valid" mask.
 
   Processes take interleaved shards and all yield the same number of batches (the
   shortest shard is padded), so a jitted global computation stays in lock-step.
+  `sequence_length` is what the task's preprocessors see (text tasks fit their prompts
+  to it); None for item sequences, which the converters trim.
   """
   import seqio
   import recjax.tasks  # noqa: F401
@@ -39,7 +41,7 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
   if batch_size % n_proc:
     raise ValueError(f"eval batch_size {batch_size} is not divisible by {n_proc} processes")
   local = batch_size // n_proc
-  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, trim_output_features=False)
+  ds = task.get_dataset(sequence_length=sequence_length, split=split, shuffle=False, trim_output_features=False)
   ds = converter(ds, task_feature_lengths)
   total = task.num_input_examples(split)
   if n_proc > 1:
