@@ -197,8 +197,8 @@ _REFERENCE = textwrap.dedent("""
     import recjax.tasks as tasks
     data_dir, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     tasks.register_dataset_tasks("tsyn", data_dir)
-    model = loop.build_model(functools.partial(reat.Reat, d_model=16, d_kv=4, d_ff=32, num_layers=1,
-                                               num_decoder_layers=1), "tsyn_reat")
+    model = reat.Reat(vocab_size=loop.item_vocab_size("tsyn_reat", "targets"), **loop.task_fields(reat.Reat, "tsyn_reat"),
+                      d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1)
     shards = [pipeline.DataIterator("tsyn_reat", split="train", feature_converter=model.feature_converter(),
                                     task_feature_lengths={"inputs": 64, "targets": 8}, batch_size=8,
                                     shuffle=True, seed=0, shard_info=seqio.ShardInfo(i, 2)) for i in range(2)]
