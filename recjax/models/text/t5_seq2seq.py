@@ -15,6 +15,11 @@ the pad token (0).
   logits = loaded.model(enc_ids, enc_mask, dec_ids)             # float32 [B, L, V]
   out = generate(loaded.model, enc_ids, enc_mask, max_new_tokens=16, num_beams=4)
 
+Packed rows (several examples per row, seqio's `EncDecFeatureConverter(pack=True)`) pass a
+`Packing` of their segment ids and positions: attention (encoder, decoder and cross) stays
+within each example and relative positions restart with it, so a packed example computes
+what it computes alone in a row.
+
 Incremental decoding keeps the self-attention keys/values of past positions in a cache
 (`init_cache`, `decode_step`); the cross-attention keys/values are computed once per input
 (`cross_kv`). The decoder also takes input vectors instead of token ids
