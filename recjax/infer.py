@@ -3,7 +3,8 @@
 Each line: {"example_id": user id, "target": held-out item, "items": [top-k ids],
 "scores": [...], and "original_ids" when the task's dataset is known}. A scoring model
 never recommends history items; a generative one (TIGER, Mender_Emb) returns its decoded
-items (trie-constrained beams, best first; scores are sequence log-probabilities).
+items (trie-constrained beams, best first; scores are sequence log-probabilities); a
+text-to-text one (ReAT) its beams' texts and the items they name.
 
 An LM recommender that writes (LUMEN, FLARE + LLM's LM; evaluator "lumen") writes, per
 task of the mixture, {"task", "user_id", "prompt", "target", "items" (its top-k after
@@ -45,6 +46,9 @@ def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
     return _infer_text(model, mixture_or_task_name, task_feature_lengths, restore_dir, mesh, logical_axis_rules,
                        split=split, top_k=top_k, batch_size=batch_size, output=output, user=user,
                        max_rows=max_rows)
+  if base.evaluator_name(model) == "reat":
+    return _infer_reat(model, mixture_or_task_name, task_feature_lengths, restore_dir, mesh, logical_axis_rules,
+                       split=split, top_k=top_k, batch_size=batch_size, output=output)
   if base.evaluator_name(model) != "ranking":
     return _infer_generative(model, mixture_or_task_name, task_feature_lengths, restore_dir, mesh,
                              logical_axis_rules, split=split, top_k=top_k, batch_size=batch_size, output=output)
@@ -142,6 +146,19 @@ def _item_titles(task_name: str) -> dict[int, str]:
   from recjax.data.prepared import PreparedDataset
   table = PreparedDataset(data_dir).items(["item_id", "title"]).to_pydict()
   return {int(i): str(t) for i, t in zip(table["item_id"], table["title"])}
+
+
+def _infer_reat(model_factory, task_name, task_feature_lengths, model_dir, mesh, rules, *, split, top_k,
+                batch_size, output) -> str:
+  from recjax.evaluation import evaluators
+  from recjax.evaluation import reat as reat_lib
+  source = evaluators.Source.from_checkpoint(model_factory, task_name, model_dir, mesh, rules,
+                                             task_feature_lengths=task_feature_lengths)
+  path = pathlib.Path(output or pathlib.Path(model_dir) / f"infer_{split}_step_{source.step}.jsonl")
+  rows = reat_lib.infer(source, task_name, task_feature_lengths, path, split=split, top_k=max(top_k, 1),
+                        batch_size=batch_size)
+  print(f"wrote {top_k} beams (texts and the items they name) for {rows} rows of split {split!r} to {path}")
+  return str(path)
 
 
 def _original_ids(task_name: str) -> dict[int, str] | None:

@@ -230,35 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--results", default="runs/bench/results")
   q.add_argument("--doc", default="docs/performance.md")
   q.set_defaults(func=cmd_bench_report)
-  q = sub.add_parser("reat", help="ReAT: a T5 encoder-decoder fine-tuned on text-to-text recommendation tasks",
-                     description="Trains one T5 v1.1-style encoder-decoder (recjax/models/reat.py; from scratch, "
-                     "or --pretrained) per --mixtures entry on a prepared dataset's ReAT tasks and evaluates each "
-                     "on the test split: retrieval and ranking by beam search (width 20) parsed back to items "
-                     "(HR/NDCG@k), rating by AUC-ROC. JSON lines (--log) and a table.")
-  q.add_argument("--data", required=True, help="prepared dataset directory")
-  q.add_argument("--dataset", default="reat", help="name its tasks are registered under")
-  q.add_argument("--mixtures", default="retrieval,retrieval+mlm,retrieval+mlm+mim,retrieval+mlm+mim+bpr",
-                 help="comma-separated: task families joined by '+' (retrieval, ranking, rating, mim, mlm, bpr) "
-                 "or mixtures reat, raat, rpat, ut, ut_at")
-  q.add_argument("--steps", type=int, default=1000)
-  q.add_argument("--batch_size", type=int, default=32)
-  q.add_argument("--learning_rate", type=float, default=2e-3)
-  q.add_argument("--train_limit", type=int, default=0, help="train examples per task, in user order (0: all)")
-  q.add_argument("--eval_limit", type=int, default=500, help="test examples per evaluated task (0: all)")
-  q.add_argument("--num_beams", type=int, default=20)
-  q.add_argument("--inputs_length", type=int, default=256)
-  q.add_argument("--targets_length", type=int, default=32)
-  q.add_argument("--d_model", type=int, default=128)
-  q.add_argument("--d_kv", type=int, default=32)
-  q.add_argument("--d_ff", type=int, default=256)
-  q.add_argument("--num_heads", type=int, default=4)
-  q.add_argument("--num_layers", type=int, default=2, help="encoder layers")
-  q.add_argument("--num_decoder_layers", type=int, default=2)
-  q.add_argument("--pretrained", default="",
-                 help="Hugging Face T5 checkpoint directory (sizes from its config; tasks use its spiece.model)")
-  q.add_argument("--seed", type=int, default=0)
-  q.add_argument("--log", default=None, help="append one JSON line per mixture here")
-  q.set_defaults(func=cmd_reat)
   from recjax import gin_cli
   for command, (_, _, help_text) in gin_cli.ENTRYPOINTS.items():
     q = sub.add_parser(command, help=help_text, description=gin_cli.__doc__,
@@ -479,19 +450,6 @@ def cmd_bench_loop(args) -> None:
                  steps=args.steps, rounds=args.rounds)
 
 
-def cmd_reat(args) -> None:
-  from recjax.models import reat  # pylint: disable=g-import-not-at-top
-  mixtures = tuple(x.strip() for x in args.mixtures.split(",") if x.strip())
-  if not mixtures:
-    raise UsageError("--mixtures: give at least one")
-  results = reat.run(args.data, dataset=args.dataset, mixtures=mixtures, steps=args.steps,
-                     batch_size=args.batch_size, learning_rate=args.learning_rate,
-                     train_limit=args.train_limit or None, eval_limit=args.eval_limit or None,
-                     num_beams=args.num_beams, log_path=args.log, seed=args.seed,
-                     inputs_length=args.inputs_length, targets_length=args.targets_length, d_model=args.d_model,
-                     d_kv=args.d_kv, d_ff=args.d_ff, num_heads=args.num_heads, num_layers=args.num_layers,
-                     num_decoder_layers=args.num_decoder_layers, pretrained=args.pretrained)
-  print(reat.format_results(results))
 
 
 def _bench_task(args) -> str:

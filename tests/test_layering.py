@@ -35,7 +35,7 @@ def test_a_model_importing_the_trainer_breaks_the_contract(tmp_path):
 
 # `recjax.tasks` is installed from tasks/ (outside recjax/), so import-linter's graph does
 # not hold it: the same rule for it is checked on the source.
-TASKS_IMPORT_ALLOWED = {"lumen.py", "reat.py"}  # their drivers build examples from tasks (issue 19)
+TASKS_IMPORT_ALLOWED: set[str] = set()
 
 
 def _imports_tasks(path: pathlib.Path) -> list[int]:

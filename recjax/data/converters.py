@@ -968,3 +968,55 @@ class PrefixLMEvalConverter(PrefixLMConverter):
   def get_model_feature_lengths(self, task_feature_lengths):
     width = 1 + task_feature_lengths["inputs"] + MAX_ID_PREFIX
     return {k: (width if spec.rank else 1) for k, spec in self.MODEL_FEATURES.items()}
+
+
+class TextEvalConverter(seqio.FeatureConverter):
+  """Text-to-text evaluation rows (ReAT), one example per row, never packed.
+
+  Model features: seqio's unpacked `EncDecFeatureConverter` ones ("encoder_input_tokens",
+  "decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights"; prompts keep
+  their beginning and targets end with EOS, since the preprocessors fit both to the
+  task_feature_lengths they are given), plus what the evaluator reads: "target_item" (the
+  task's "target", 0 if none) and "candidates" int32 [num_candidates] (a ranking task's
+  candidate items, 0-padded; zeros for tasks without candidates).
+  """
+
+  TASK_FEATURES = {"inputs": FeatureSpec(tf.int32), "targets": FeatureSpec(tf.int32)}
+  MODEL_FEATURES = {
+      "encoder_input_tokens": FeatureSpec(tf.int32),
+      "decoder_target_tokens": FeatureSpec(tf.int32),
+      "decoder_input_tokens": FeatureSpec(tf.int32),
+      "decoder_loss_weights": FeatureSpec(tf.int32),
+      "target_item": FeatureSpec(tf.int32, rank=0),
+      "candidates": FeatureSpec(tf.int32),
+  }
+  PACKING_FEATURE_DTYPES: Mapping[str, tf.dtypes.DType] = {}
+
+  def __init__(self, num_candidates: int):
+    super().__init__(pack=False, apply_length_check=False)
+    self.num_candidates = int(num_candidates)
+
+  def __repr__(self):
+    return f"{type(self).__name__}(num_candidates={self.num_candidates})"
+
+  def _convert_features(self, ds, task_feature_lengths):
+    enc_len, dec_len = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+
+    def convert(ex):
+      targets = _pad_to(tf.cast(_dense(ex["targets"]), tf.int32), dec_len)
+      candidates = ex["candidates"] if "candidates" in ex else tf.zeros([0], tf.int32)
+      return {"encoder_input_tokens": tf.ensure_shape(_pad_to(tf.cast(_dense(ex["inputs"]), tf.int32), enc_len),
+                                                      [enc_len]),
+              "decoder_target_tokens": tf.ensure_shape(targets, [dec_len]),
+              "decoder_input_tokens": tf.ensure_shape(tf.concat([[0], targets[:-1]], 0), [dec_len]),
+              "decoder_loss_weights": tf.cast(targets > 0, tf.int32),
+              "target_item": tf.cast(ex["target"], tf.int32) if "target" in ex else tf.constant(0, tf.int32),
+              "candidates": tf.ensure_shape(_pad_to(tf.cast(candidates, tf.int32), self.num_candidates),
+                                            [self.num_candidates])}
+
+    return ds.map(_plain(convert), num_parallel_calls=_AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    enc, dec = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    return {"encoder_input_tokens": enc, "decoder_target_tokens": dec, "decoder_input_tokens": dec,
+            "decoder_loss_weights": dec, "target_item": 1, "candidates": self.num_candidates}

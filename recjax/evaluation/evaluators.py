@@ -12,6 +12,8 @@ of an evaluator are gin bindings of its function (e.g.
   generative_retrieval  decode K items (constrained beams), rank the target among them
   lumen                 LM recommenders that write (LUMEN, FLARE + LLM's LM): item metrics
                         from the item softmax, narrative metrics of the generated texts
+  reat                  text-to-text (ReAT): beams parsed to items (retrieval, ranking),
+                        rating AUC-ROC, popularity on the same rows
   preference_axes       the preference-discerning benchmark's test axes (recommendation,
                         fine / coarse steering, consolidation: Recall / NDCG; sentiment
                         following: m@k) of a model over semantic IDs (TIGER, Mender_Emb)
@@ -156,6 +158,15 @@ def lumen(*, source: Source, mixture_or_task_name: str, task_feature_lengths, sp
                                   mixture_or_task_name=mixture_or_task_name,
                                   task_feature_lengths=task_feature_lengths, splits=splits, batch_size=batch_size,
                                   ks=ks, put=source.put, max_rows=max_rows, encoder=encoder)
+
+
+@register("reat")
+def reat(*, source: Source, num_beams: int = 20, max_rows: int | None = None, **kwargs) -> tuple[dict, str]:
+  """Text-to-text recommendation (ReAT): retrieval / ranking from `num_beams` beams parsed
+  back to items, rating AUC-ROC, popularity on the same rows; `max_rows` evaluates the
+  first rows of each split only (recjax/evaluation/reat.py)."""
+  from recjax.evaluation import reat as reat_lib
+  return reat_lib.evaluate(source=source, num_beams=num_beams, max_rows=max_rows, **kwargs)
 
 
 @register("preference_axes")

@@ -165,7 +165,7 @@ class Tiger:
   relative_attention_max_distance: int = 128
 
   VOCAB_FEATURE = "targets"  # the task feature whose vocabulary sets vocab_size
-  # Fields of the in-memory example arrays of `train_tiger` (LUMEN / ReAT / Mender drivers
+  # Fields of the in-memory example arrays of `train_tiger` (LUMEN / Mender drivers
   # still train that way until they move onto the gin trainer).
   batch_fields = ("encoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "weights")
   EVALUATOR = "generative_retrieval"

@@ -135,6 +135,18 @@ class T5Attention(nnx.Module):
                                         num_buckets=self.num_buckets, max_distance=self.max_distance)
     return jnp.transpose(self.relative_bias.embedding[...][buckets], (2, 0, 1))[None]
 
+  def position_bias_at(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """float32 [B, H, Lq, Lk] of per-token positions [B, Lq], [B, Lk] (packed rows restart
+    them at every segment). Buckets come from the same table as `position_bias`, so an
+    unpacked row with positions 0..L-1 gets exactly its bias."""
+    n = max(q_positions.shape[1], k_positions.shape[1])
+    # Row n-1 of the [n, 2n-1] buckets: offset o (key - query, |o| < n) at index o + n - 1.
+    table = relative_position_buckets(n, 2 * n - 1, bidirectional=self.bidirectional,
+                                      num_buckets=self.num_buckets, max_distance=self.max_distance)[n - 1]
+    offsets = k_positions[:, None, :] - q_positions[:, :, None]
+    buckets = jnp.asarray(table)[jnp.clip(offsets + n - 1, 0, 2 * n - 2)]
+    return jnp.transpose(self.relative_bias.embedding[...][buckets], (0, 3, 1, 2))
+
   def __call__(self, x, mask, bias, kv=None):
     """`mask` bool [B, 1|H, Lq, Lk]; `bias` float32 broadcastable to [B, H, Lq, Lk] or None."""
     kv = x if kv is None else kv
@@ -147,6 +159,11 @@ class T5Attention(nnx.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:2], -1)
     return self.o(out)
+
+
+def same_segment(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
+  """bool [B, 1, Lq, Lk]: query and key in the same packed example (key not padding)."""
+  return ((q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] > 0))[:, None]
 
 
 class T5FeedForward(nnx.Module):
@@ -190,16 +207,26 @@ class T5Encoder(nnx.Module):
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon, dtype=dtype)
     self.config, self.dtype = cfg, dtype
 
-  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Last hidden states [B, T, d_model] of `ids` [B, T] with padding `mask` (1 = token)."""
-    return self.encode_embeddings(self.embed(ids), mask)
+  def __call__(self, ids: jax.Array, mask: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Last hidden states [B, T, d_model] of `ids` [B, T] with padding `mask` (1 = token);
+    packed rows also give `segment_ids` (1.. per example, 0 = padding) and `positions`."""
+    return self.encode_embeddings(self.embed(ids), mask, segment_ids, positions)
 
-  def encode_embeddings(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    """The blocks over input vectors x [B, T, d_model] (models with their own inputs)."""
+  def encode_embeddings(self, x: jax.Array, mask: jax.Array, segment_ids: jax.Array | None = None,
+                        positions: jax.Array | None = None) -> jax.Array:
+    """The blocks over input vectors x [B, T, d_model] (models with their own inputs).
+    With `segment_ids` a token attends only within its own segment (packed examples never
+    see each other) and relative positions come from `positions`."""
     x = x.astype(self.dtype)
     t = x.shape[1]
-    bias = self.blocks[0].attention.position_bias(t, t)  # shared by every layer
-    attend = (mask > 0)[:, None, None, :]
+    attention = self.blocks[0].attention
+    if segment_ids is None:
+      bias = attention.position_bias(t, t)  # shared by every layer
+      attend = (mask > 0)[:, None, None, :]
+    else:
+      bias = attention.position_bias_at(positions, positions)
+      attend = same_segment(segment_ids, segment_ids)
     for block in self.blocks:
       x = block(x, attend, bias)
     return self.final_norm(x)

@@ -15,6 +15,11 @@ the pad token (0).
   logits = loaded.model(enc_ids, enc_mask, dec_ids)             # float32 [B, L, V]
   out = generate(loaded.model, enc_ids, enc_mask, max_new_tokens=16, num_beams=4)
 
+Packed rows (several examples per row, seqio's `EncDecFeatureConverter(pack=True)`) pass a
+`Packing` of their segment ids and positions: attention (encoder, decoder and cross) stays
+within each example and relative positions restart with it, so a packed example computes
+what it computes alone in a row.
+
 Incremental decoding keeps the self-attention keys/values of past positions in a cache
 (`init_cache`, `decode_step`); the cross-attention keys/values are computed once per input
 (`cross_kv`). The decoder also takes input vectors instead of token ids
@@ -119,13 +124,21 @@ class T5Decoder(nnx.Module):
     self.final_norm = t5.RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon, dtype=dtype)
     self.dtype = dtype
 
-  def __call__(self, x, memory, memory_mask):
-    """Teacher-forced hidden states [B, L, d_model] of inputs x [B, L, d_model] (causal)."""
+  def __call__(self, x, memory, memory_mask, packing: "Packing | None" = None):
+    """Teacher-forced hidden states [B, L, d_model] of inputs x [B, L, d_model] (causal).
+    With `packing`, attention stays within each packed example (self and cross) and the
+    relative positions restart with it."""
     x = x.astype(self.dtype)
     n = x.shape[1]
     causal = jnp.tril(jnp.ones((n, n), bool))[None, None]
-    bias = self.blocks[0].self_attention.position_bias(n, n)  # shared by every layer
-    cross = (memory_mask > 0)[:, None, None, :]
+    attention = self.blocks[0].self_attention
+    if packing is None:
+      bias = attention.position_bias(n, n)  # shared by every layer
+      cross = (memory_mask > 0)[:, None, None, :]
+    else:
+      bias = attention.position_bias_at(packing.decoder_positions, packing.decoder_positions)
+      causal = causal & t5.same_segment(packing.decoder_segment_ids, packing.decoder_segment_ids)
+      cross = t5.same_segment(packing.decoder_segment_ids, packing.encoder_segment_ids)
     for block in self.blocks:
       x = block(x, causal, bias, memory, cross)
     return self.final_norm(x)
@@ -173,6 +186,28 @@ class T5Decoder(nnx.Module):
 # -- the encoder-decoder --------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """Segment ids (1.. per example, 0 = padding) and per-segment positions of packed rows
+  (seqio's EncDecFeatureConverter(pack=True) features)."""
+  encoder_segment_ids: jax.Array
+  encoder_positions: jax.Array
+  decoder_segment_ids: jax.Array
+  decoder_positions: jax.Array
+
+  KEYS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids", "decoder_positions")
+
+  @classmethod
+  def of(cls, batch) -> "Packing | None":
+    """The packing features of a batch; None for unpacked rows (none of them present)."""
+    present = [k for k in cls.KEYS if k in batch]
+    if not present:
+      return None
+    if len(present) != len(cls.KEYS):
+      raise ValueError(f"a packed batch needs all of {cls.KEYS}; it has only {present}")
+    return cls(**{k: batch[k] for k in cls.KEYS})
+
+
 class T5EncoderDecoder(nnx.Module):
   def __init__(self, cfg: T5Seq2SeqConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.encoder = t5.T5Encoder(cfg, rngs=rngs, dtype=dtype)  # owns the shared embedding
@@ -187,9 +222,11 @@ class T5EncoderDecoder(nnx.Module):
   def embed(self) -> nnx.Embed:
     return self.encoder.embed
 
-  def encode(self, ids, mask):
+  def encode(self, ids, mask, packing: Packing | None = None):
     """Encoder output [B, T, d_model] (the decoder's memory)."""
-    return self.encoder(ids, mask)
+    if packing is None:
+      return self.encoder(ids, mask)
+    return self.encoder(ids, mask, packing.encoder_segment_ids, packing.encoder_positions)
 
   def head(self, hidden):
     """float32 logits [..., V] of decoder outputs."""
@@ -197,16 +234,17 @@ class T5EncoderDecoder(nnx.Module):
     logits = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
     return logits.astype(jnp.float32)
 
-  def decode_embeddings(self, x, memory, memory_mask):
+  def decode_embeddings(self, x, memory, memory_mask, packing: Packing | None = None):
     """Teacher-forced logits [B, L, V] (float32) of decoder input vectors x [B, L, d_model]."""
-    return self.head(self.decoder(x, memory, memory_mask))
+    return self.head(self.decoder(x, memory, memory_mask, packing))
 
-  def decode(self, tokens, memory, memory_mask):
-    """Teacher-forced logits [B, L, V] (float32) of decoder input ids [B, L] (start token first)."""
-    return self.decode_embeddings(self.embed(tokens), memory, memory_mask)
+  def decode(self, tokens, memory, memory_mask, packing: Packing | None = None):
+    """Teacher-forced logits [B, L, V] (float32) of decoder input ids [B, L] (start token
+    first; packed rows: first in every segment)."""
+    return self.decode_embeddings(self.embed(tokens), memory, memory_mask, packing)
 
-  def __call__(self, ids, mask, decoder_ids):
-    return self.decode(decoder_ids, self.encode(ids, mask), mask)
+  def __call__(self, ids, mask, decoder_ids, packing: Packing | None = None):
+    return self.decode(decoder_ids, self.encode(ids, mask, packing), mask, packing)
 
   def cross_kv(self, memory):
     return self.decoder.cross_kv(memory)
