@@ -226,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--venv_root", default="runs/bench", help="where the RecBole virtualenv is built (once)")
   q.add_argument("--doc", default="docs/performance.md")
   q.set_defaults(func=cmd_bench_all)
+  q = bench_sub.add_parser("packing", help="packed vs padded rows of a gin experiment's model (decoder-only "
+                           "text models: LUMEN): packing efficiency and train-step tokens/s side by side")
+  from recjax import gin_cli  # pylint: disable=g-import-not-at-top
+  gin_cli.add_gin_args(q)
+  _add_dataset_arg(q)
+  q.add_argument("--steps", type=int, default=20, help="timed train steps per layout")
+  q.set_defaults(func=cmd_bench_packing)
   q = bench_sub.add_parser("report", help="tables and plots of docs/performance.md from --results")
   q.add_argument("--results", default="runs/bench/results")
   q.add_argument("--doc", default="docs/performance.md")
@@ -497,6 +504,22 @@ def cmd_bench_all(args) -> None:
   print(f"wrote {args.doc}")
 
 
+def cmd_bench_packing(args) -> None:
+  from recjax import gin_cli  # pylint: disable=g-import-not-at-top
+  gin_cli.check_files(args.gin_file, args.gin_search_paths)
+  _load_tasks(args)
+  import gin  # pylint: disable=g-import-not-at-top
+  from recjax.bench import packing  # pylint: disable=g-import-not-at-top
+  gin_cli.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  import recjax.tasks  # pylint: disable=g-import-not-at-top
+  recjax.tasks.register_datasets()
+  model = gin.query_parameter("%MODEL").scoped_configurable_fn
+  packing.packing(model=model, mixture_or_task_name=gin.query_parameter("%MIXTURE_OR_TASK_NAME"),
+                  task_feature_lengths=gin.query_parameter("%TASK_FEATURE_LENGTHS"),
+                  batch_size=gin.query_parameter("%BATCH_SIZE"), steps=args.steps,
+                  seed=gin.query_parameter("%SEED"))
+
+
 def cmd_bench_report(args) -> None:
   from recjax.bench import suite  # pylint: disable=g-import-not-at-top
   if not pathlib.Path(args.results).is_dir():
@@ -667,8 +690,9 @@ def main(argv=None) -> int:
   except gin_cli.GinError as e:
     parser.error(str(e))
   args = parser.parse_args(argv)
-  if gin_bindings and args.command not in (*gin_cli.ENTRYPOINTS, "main", "sweep"):
-    parser.error(f"--gin.* overrides apply only to {', '.join(gin_cli.ENTRYPOINTS)}, sweep and main")
+  if gin_bindings and args.command not in (*gin_cli.ENTRYPOINTS, "main", "sweep") and not (
+      args.command == "bench" and getattr(args, "func", None) is cmd_bench_packing):
+    parser.error(f"--gin.* overrides apply only to {', '.join(gin_cli.ENTRYPOINTS)}, sweep, main and bench packing")
   args.gin_bindings = gin_bindings
   try:
     args.func(args)

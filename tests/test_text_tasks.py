@@ -468,7 +468,7 @@ def test_every_task_and_mixture_packs(synthetic, key):
   # on a source without critiques / narratives (its mixtures are the same code).
   name, names, _ = synthetic[key]
   if key == "synthetic_regen":
-    assert len(names) == 6 + 12 + 6 + 5  # ReAT, lumen + narrative, lumen without critiques, mixtures
+    assert len(names) == 6 + 12 + 6 + 5 + 3  # ReAT, lumen + narrative, lumen without critiques, mixtures, LUMEN mixtures
   else:
     names = [n for n in names if "_reat_" in n]
   lengths = {"inputs": 1024, "targets": 256}
