@@ -106,7 +106,13 @@ def test_task_names(tiny, tmp_path):
            for k in ("lumen", "narrative")]
   regen += [f"{name}_lumen_{n}_no_critiques" for n in ("purchase_reason", "profile", "endorsement")]
   mixtures = [f"{name}_{m}" for m in ("reat", "raat", "rpat", "ut", "ut_at")]
-  assert sorted(names) == sorted(reat + regen + mixtures)
+  lumen = [f"{name}_{m}" for m in ("lumen", "lumen_no_critiques", "narrative")]
+  assert sorted(names) == sorted(reat + regen + mixtures + lumen)
+  # LUMEN's mixtures: the LUMEN_NARRATIVES the source has, mixed by their training examples.
+  mix = seqio.get_mixture_or_task(f"{name}_lumen")
+  assert sorted(t.name for t in mix.tasks) == [f"{name}_lumen_endorsement", f"{name}_lumen_purchase_reason"]
+  for t in mix.tasks:
+    assert mix.get_rate(t) == len(examples(t.name)) > 0
   raat = seqio.get_mixture_or_task(f"{name}_raat")
   rates = {t.name.rsplit("_reat_", 1)[1]: raat.get_rate(t) for t in raat.tasks}
   assert rates == {"ranking": 1.0, "mim": 1.0, "mlm": 1.0, "bpr": 1.0}
@@ -448,7 +454,7 @@ def test_epochs_through_the_pipeline(synthetic):
 def _check_example(name, ex):
   for f in ("inputs", "targets"):
     assert ex[f].dtype == np.int32 and ex[f][-1] == 1 and len(ex[f]) > 1 and (ex[f][:-1] > 1).all(), (name, f)
-  if "targets_item_ids" in ex:
+  if "targets_item_ids" in ex and "target" in ex:  # a mixture keeps only the output features
     assert list(ex["targets_item_ids"]) == [ex["target"]]
 
 
