@@ -143,8 +143,9 @@ def preference_axes(task_name: str) -> dict[str, str]:
 
 
 def frozen_array(task_name: str, name: str):
-  """A frozen model input a task provides by name (e.g. "item_embeddings")."""
-  return semantic_ids.frozen_array(task_name, name)
+  """A frozen model input a task provides by name (e.g. "item_embeddings", "wals_item_vectors")."""
+  got = text.frozen_array(task_name, name)
+  return got if got is not None else semantic_ids.frozen_array(task_name, name)
 
 
 def describe(task_name: str) -> str:

@@ -175,7 +175,9 @@ def frozen_array(task_name: str, name: str) -> np.ndarray:
     if name in FROZEN.get(task.name, {}):
       return FROZEN[task.name][name]()
   raise ValueError(f"task {task_name!r} provides no frozen input {name!r}; tasks over semantic IDs provide "
-                   "'semantic_id_tokens', preference tasks also 'item_embeddings' and 'preference_embeddings'")
+                   "'semantic_id_tokens', preference tasks also 'item_embeddings' and 'preference_embeddings', "
+                   "the REGEN LUMEN / narrative tasks 'wals_item_vectors', 'interaction_content', "
+                   "'interaction_offsets'")
 
 
 def _benchmark_array(path, key):

@@ -62,6 +62,26 @@ _ABOUT = {
 }
 # Task / mixture name -> one-line description, for `recjax tasks list / show`.
 DESCRIPTIONS: dict[str, str] = {}
+# Task name -> {frozen input name: loader}: the soft-prompt fusion inputs of the LUMEN /
+# narrative tasks (recjax/artifacts/fusion.py), built on first use.
+FROZEN: dict[str, dict] = {}
+
+
+def frozen_array(task_name: str, name: str):
+  """A frozen input of a text task (or of the first task of a mixture that has it); None if none."""
+  provider = seqio.get_mixture_or_task(task_name)
+  for task in (provider.tasks if isinstance(provider, seqio.Mixture) else [provider]):
+    if name in FROZEN.get(task.name, {}):
+      return FROZEN[task.name][name]()
+  return None
+
+
+def _fusion_inputs(data_dir: str) -> dict:
+  def load(fn_name, *args):
+    from recjax.artifacts import fusion  # pylint: disable=g-import-not-at-top
+    return getattr(fusion, fn_name)(data_dir, *args)
+  return {name: functools.partial(load, name)
+          for name in ("wals_item_vectors", "interaction_content", "interaction_offsets")}
 
 
 def describe(name: str) -> str | None:
@@ -139,6 +159,7 @@ def register(dataset_name: str, data_dir, *, spm_model: str | None = None,
       name = f"{dataset_name}_{kind}_{narrative}"
       _add_task(name, source=source, preprocessors=_pipeline(data_dir, step, narrative=narrative),
                 output_features=features, metric_fns=[])
+      FROZEN[name] = _fusion_inputs(data_dir)
       split = "users split 80/10/10" if per_user else "leave-one-out"
       DESCRIPTIONS[name] = _ABOUT[kind].format(narrative.replace("_", " ")) + f" ({split})"
       names.append(name)
@@ -146,6 +167,7 @@ def register(dataset_name: str, data_dir, *, spm_model: str | None = None,
         name += "_no_critiques"
         _add_task(name, source=source, output_features=features, metric_fns=[],
                   preprocessors=_pipeline(data_dir, step, narrative=narrative, critiques=False))
+        FROZEN[name] = _fusion_inputs(data_dir)
         DESCRIPTIONS[name] = DESCRIPTIONS[name[:-len("_no_critiques")]].replace(" and critiques", "")
         names.append(name)
 
@@ -182,3 +204,4 @@ def unregister(names) -> None:
     if name in seqio.TaskRegistry.names():
       seqio.TaskRegistry.remove(name)
     DESCRIPTIONS.pop(name, None)
+    FROZEN.pop(name, None)

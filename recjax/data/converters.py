@@ -676,6 +676,10 @@ class EncoderDecoderConverter(seqio.FeatureConverter):
     spec = ds.element_spec
     if self.user_buckets and "user_id" not in spec:
       raise ValueError(f"user_buckets = {self.user_buckets} needs a 'user_id' feature; the task has {sorted(spec)}")
+    missing = [k for k in self.SOFT_NEEDS if k not in ds.element_spec] if self.soft_tokens else []
+    if missing:
+      raise ValueError(f"{type(self).__name__}: soft_tokens = {self.soft_tokens} needs the features "
+                       f"{list(self.SOFT_NEEDS)}; the dataset lacks {missing}")
     conv = copy.copy(self)  # per call: the passthrough features present decide the specs
     conv.MODEL_FEATURES = {**self.MODEL_FEATURES, **{k: v for k, v in self.PASSTHROUGH.items() if k in spec}}
     return seqio.FeatureConverter.__call__(conv, ds, lengths)
@@ -807,6 +811,12 @@ class PrefixLMConverter(seqio.FeatureConverter):
     "decoder_segment_ids"      1..k along a packed row (1 unpacked), 0 on padding
     "decoder_positions"        0-based per example
 
+  Soft prompts ("Beyond Retrieval", `soft_tokens` S > 0): the newest k = min(S, len(history))
+  interactions of the example's window come first, as k slots of token 0 whose inputs are
+  soft vectors; "decoder_input_soft_items" / "_soft_users" / "_soft_positions" give the item,
+  the user and the interaction's position in the user's sequence of each (0 elsewhere;
+  needs the task's "history", "user_id" and "position"), and rows are S tokens longer.
+
   Packing is first fit decreasing over windows of `window` examples (`pack_examples`);
   unpacked, each example is right-padded to L. A placeholder count that differs from its
   item ids is an error naming the counts. Deterministic: the pipeline may pack a Task's
@@ -825,12 +835,16 @@ class PrefixLMConverter(seqio.FeatureConverter):
   }
   PACKING_FEATURE_DTYPES: Mapping[str, tf.dtypes.DType] = {}
 
-  def __init__(self, *, placeholder_id: int, pack: bool = True, window: int = 1024):
+  SOFT = ("soft_items", "soft_users", "soft_positions")
+  SOFT_NEEDS = ("history", "user_id", "position")
+
+  def __init__(self, *, placeholder_id: int, pack: bool = True, window: int = 1024, soft_tokens: int = 0):
     super().__init__(pack=pack, apply_length_check=False)
-    self.placeholder_id, self.window = int(placeholder_id), int(window)
+    self.placeholder_id, self.window, self.soft_tokens = int(placeholder_id), int(window), int(soft_tokens)
 
   def __repr__(self):
-    return f"{type(self).__name__}(placeholder_id={self.placeholder_id}, pack={self.pack})"
+    return (f"{type(self).__name__}(placeholder_id={self.placeholder_id}, pack={self.pack}, "
+            f"soft_tokens={self.soft_tokens})")
 
   def epoch_invariant_rows(self) -> tuple["PrefixLMConverter", None]:
     return self, None
@@ -840,6 +854,10 @@ class PrefixLMConverter(seqio.FeatureConverter):
     if missing:
       raise ValueError(f"{type(self).__name__} needs task_feature_lengths for {sorted(missing)}, got "
                        f"{dict(task_feature_lengths)}")
+    missing = [k for k in self.SOFT_NEEDS if k not in ds.element_spec] if self.soft_tokens else []
+    if missing:
+      raise ValueError(f"{type(self).__name__}: soft_tokens = {self.soft_tokens} needs the features "
+                       f"{list(self.SOFT_NEEDS)}; the dataset lacks {missing}")
     conv = copy.copy(self)  # per call: the passthrough features present decide the specs
     conv.MODEL_FEATURES = conv._model_features(ds.element_spec)
     lengths = {k: int(task_feature_lengths[k]) for k in ("inputs", "targets")}
@@ -847,7 +865,8 @@ class PrefixLMConverter(seqio.FeatureConverter):
 
   def _model_features(self, spec) -> dict[str, FeatureSpec]:
     del spec
-    return dict(self.MODEL_FEATURES)
+    soft = {f"decoder_input_{k}": FeatureSpec(tf.int32) for k in self.SOFT} if self.soft_tokens else {}
+    return {**PrefixLMConverter.MODEL_FEATURES, **soft}
 
   def _sequence(self, ex, inputs_length: int, targets_length: int) -> dict[str, tf.Tensor]:
     """One example's unshifted sequence: tokens, items (at placeholders), prompt length."""
@@ -870,21 +889,36 @@ class PrefixLMConverter(seqio.FeatureConverter):
                 "kept inputs + targets differs from its inputs_item_ids + targets_item_ids")
     with tf.control_dependencies([check]):
       items = tf.scatter_nd(slots, ids, tf.shape(tokens))
-    return {"tokens": tokens, "items": items, "prompt": tf.shape(inputs)[0]}
+    out = {"tokens": tokens, "items": items, "prompt": tf.shape(inputs)[0]}
+    if self.soft_tokens:
+      history = tf.cast(_dense(ex["history"]), tf.int32)
+      k = tf.minimum(tf.size(history), self.soft_tokens)
+      n = tf.shape(tokens)[0]
+      pad = lambda x: tf.concat([x, tf.zeros([n], tf.int32)], 0)
+      position = tf.cast(ex["position"], tf.int32)
+      out = {"tokens": tf.concat([tf.zeros([k], tf.int32), tokens], 0),
+             "items": tf.concat([tf.zeros([k], tf.int32), items], 0), "prompt": out["prompt"] + k,
+             "soft_items": pad(history[tf.size(history) - k:]),
+             "soft_users": pad(tf.fill([k], tf.cast(ex["user_id"], tf.int32))),
+             "soft_positions": pad(position - k + tf.range(k))}
+    return out
 
   def _convert_features(self, ds, task_feature_lengths):
     il, tl = task_feature_lengths["inputs"], task_feature_lengths["targets"]
-    length = il + tl
+    length = self.soft_tokens + il + tl
 
     def row(ex):
       s = self._sequence(ex, il, tl)
       tokens, items = s["tokens"], s["items"]
       in_target = tf.range(tf.shape(tokens)[0]) >= s["prompt"]
       shift = lambda x: tf.concat([[0], x[:-1]], 0)
-      return {"decoder_target_tokens": tokens, "decoder_input_tokens": shift(tokens),
-              "decoder_input_item_ids": shift(items),
-              "decoder_target_item_ids": tf.where(in_target, items, 0),
-              "decoder_loss_weights": tf.cast(in_target & tf.equal(items, 0), tf.float32)}
+      out = {"decoder_target_tokens": tokens, "decoder_input_tokens": shift(tokens),
+             "decoder_input_item_ids": shift(items),
+             "decoder_target_item_ids": tf.where(in_target, items, 0),
+             "decoder_loss_weights": tf.cast(in_target & tf.equal(items, 0), tf.float32)}
+      for k in self.SOFT if self.soft_tokens else ():
+        out[f"decoder_input_{k}"] = shift(s[k])
+      return out
 
     ds = ds.map(_plain(row), num_parallel_calls=_AUTOTUNE)
     if self.pack:
@@ -908,7 +942,7 @@ class PrefixLMConverter(seqio.FeatureConverter):
     return ds.map(_plain(pad), num_parallel_calls=_AUTOTUNE)
 
   def get_model_feature_lengths(self, task_feature_lengths):
-    length = task_feature_lengths["inputs"] + task_feature_lengths["targets"]
+    length = self.soft_tokens + task_feature_lengths["inputs"] + task_feature_lengths["targets"]
     return {k: (length if spec.rank else 1) for k, spec in self.MODEL_FEATURES.items()}
 
 
@@ -926,8 +960,8 @@ class PrefixLMEvalConverter(PrefixLMConverter):
 
   PASSTHROUGH = {"user_id": FeatureSpec(tf.int32, rank=0), "targets_pretokenized": FeatureSpec(tf.string, rank=0)}
 
-  def __init__(self, *, placeholder_id: int):
-    super().__init__(placeholder_id=placeholder_id, pack=False)
+  def __init__(self, *, placeholder_id: int, soft_tokens: int = 0):
+    super().__init__(placeholder_id=placeholder_id, pack=False, soft_tokens=soft_tokens)
 
   def epoch_invariant_rows(self):
     raise NotImplementedError("evaluation rows are not trained on")
@@ -935,11 +969,13 @@ class PrefixLMEvalConverter(PrefixLMConverter):
   def _model_features(self, spec) -> dict[str, FeatureSpec]:
     out = {"prompt_tokens": FeatureSpec(tf.int32), "prompt_item_ids": FeatureSpec(tf.int32),
            "prompt_mask": FeatureSpec(tf.int32), "item_target": FeatureSpec(tf.int32, rank=0)}
+    if self.soft_tokens:
+      out.update({f"prompt_{k}": FeatureSpec(tf.int32) for k in self.SOFT})
     return {**out, **{k: v for k, v in self.PASSTHROUGH.items() if k in spec}}
 
   def _convert_features(self, ds, task_feature_lengths):
     il, tl = task_feature_lengths["inputs"], task_feature_lengths["targets"]
-    width = 1 + il + MAX_ID_PREFIX
+    width = 1 + self.soft_tokens + il + MAX_ID_PREFIX
     ph = self.placeholder_id
 
     def row(ex):
@@ -958,6 +994,8 @@ class PrefixLMEvalConverter(PrefixLMConverter):
       out = {"prompt_tokens": pad(keep_tokens), "prompt_item_ids": pad(keep_items),
              "prompt_mask": pad(tf.ones_like(keep_tokens)),
              "item_target": tf.where(has_item, items[stop], 0)}
+      for k in self.SOFT if self.soft_tokens else ():
+        out[f"prompt_{k}"] = pad(tf.concat([[0], s[k][:stop]], 0))
       for k in self.PASSTHROUGH:
         if k in ex:
           out[k] = tf.cast(ex[k], self.PASSTHROUGH[k].dtype)
@@ -966,7 +1004,7 @@ class PrefixLMEvalConverter(PrefixLMConverter):
     return ds.map(_plain(row), num_parallel_calls=_AUTOTUNE)
 
   def get_model_feature_lengths(self, task_feature_lengths):
-    width = 1 + task_feature_lengths["inputs"] + MAX_ID_PREFIX
+    width = 1 + self.soft_tokens + task_feature_lengths["inputs"] + MAX_ID_PREFIX
     return {k: (width if spec.rank else 1) for k, spec in self.MODEL_FEATURES.items()}
 
 

@@ -36,7 +36,7 @@ vocab.hide_accelerators_from_tf()
 
 # Non-output features our converters read; Mixtures drop them unless told.
 _PASSTHROUGH = ("example_id", "critiques", "epoch", "history", "sign", "target_item", "user_id",
-                "text_id")
+                "text_id", "position")
 _STATE_VERSION = 1
 
 

@@ -25,7 +25,8 @@ from recjax.evaluation import ranking
 from recjax.evaluation import scorer as scorer_lib
 
 # The eval converter's features the model reads (`PrefixLMEvalConverter`).
-FEATURES = ("prompt_tokens", "prompt_item_ids", "prompt_mask", "item_target")
+FEATURES = ("prompt_tokens", "prompt_item_ids", "prompt_mask", "item_target", "prompt_soft_items",
+            "prompt_soft_users", "prompt_soft_positions")
 
 
 def checkpoint_generator(model, trainer, params, *, num_items: int, max_new_tokens: int) -> Callable:
@@ -83,7 +84,7 @@ def generated_rows(generate: Callable, batches, vocabulary, *, max_rows: int | N
       recommend = bool(has_item[0])
     if has_item.any() != recommend or has_item.all() != recommend:
       raise ValueError("a task mixes rows whose targets name an item with rows whose targets do not")
-    got = jax.device_get(generate({k: put(batch[k]) for k in FEATURES}, recommend))
+    got = jax.device_get(generate({k: put(batch[k]) for k in FEATURES if k in batch}, recommend))
     for r in np.flatnonzero(valid):
       record = {"user_id": int(batch["user_id"][r]) if "user_id" in batch else None,
                 "prompt": vocabulary.decode([int(t) for t in batch["prompt_tokens"][r] if t > 1])}

@@ -25,14 +25,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recjax.models import base
 from recjax.models import layers
 from recjax.models.bert4rec import NUM_RESERVED  # PAD, MASK: no TensorFlow in the model
 from recjax.models.text import gemma
@@ -113,8 +112,8 @@ class Lumen:
   soft_prompt: str = ""  # "", "cf", "content" or "cf+content"
   adapter: str = "mlp"
   soft_tokens: int = 0
-  cf_dim: int = 64
-  content_dim: int = 384
+  cf_dim: int = 0  # widths of the tables, set from the task's frozen inputs
+  content_dim: int = 0
 
   VOCAB_FEATURE = "targets"
   EVALUATOR = "lumen"
@@ -128,10 +127,6 @@ class Lumen:
                        "'content' or 'cf+content', and 'mlp' or 'linear'")
     if parts and self.soft_tokens < 1:
       raise ValueError("Lumen.soft_prompt needs soft_tokens >= 1")
-    if parts:
-      # The adapter and tables below are kept; the rows do not yet carry the soft slots.
-      raise NotImplementedError("Lumen.soft_prompt: the 'Beyond Retrieval' soft-prompt fusion variants are not "
-                                "yet on the gin path (issue 19); train them with an earlier recjax")
 
   @property
   def soft_parts(self) -> tuple[str, ...]:
@@ -162,27 +157,70 @@ class Lumen:
                        "recjax.train.loop, or pass it)")
     return self.placeholder_id
 
+  @property
+  def _soft_slots(self) -> int:
+    return self.soft_tokens if self.soft_parts else 0
+
   def feature_converter(self, pack: bool = True, seed: int = 0):
     del seed  # deterministic rows
     from recjax.data.converters import PrefixLMConverter
-    return PrefixLMConverter(placeholder_id=self._placeholder(), pack=pack)
+    return PrefixLMConverter(placeholder_id=self._placeholder(), pack=pack, soft_tokens=self._soft_slots)
 
   def eval_feature_converter(self):
     from recjax.data.converters import PrefixLMEvalConverter
-    return PrefixLMEvalConverter(placeholder_id=self._placeholder())
+    return PrefixLMEvalConverter(placeholder_id=self._placeholder(), soft_tokens=self._soft_slots)
+
+  def frozen_input_specs(self) -> dict:
+    """The soft prompts' tables, as the REGEN text tasks provide them (recjax/artifacts/fusion.py)."""
+    specs = {}
+    if "cf" in self.soft_parts:
+      specs["cf"] = base.TaskArray("wals_item_vectors", (None, None))
+    if "content" in self.soft_parts:
+      specs["content"] = base.TaskArray("interaction_content", (None, None))
+      specs["offsets"] = base.TaskArray("interaction_offsets", (None,))
+    return specs
+
+  def finish_frozen(self, arrays: dict) -> dict:
+    """Sets the tables' widths (the adapter's input) from the fetched (array, axes) pairs."""
+    out = {k: (np.asarray(a, np.int32 if k == "offsets" else np.float32), axes) for k, (a, axes) in arrays.items()}
+    if "cf" in out:
+      self.cf_dim = int(out["cf"][0].shape[1])
+    if "content" in out:
+      self.content_dim = int(out["content"][0].shape[1])
+    return out
 
   # -- model --------------------------------------------------------------------------
 
-  def input_vectors(self, net: LumenNetwork, tokens, item_ids):
+  def input_vectors(self, net: LumenNetwork, tokens, item_ids, soft=None, frozen=None):
+    """Input vectors: token embeddings, item vectors at placeholders, and soft tokens at the
+    slots of `soft` = (items, users, positions) where items > 0."""
     if not self.item_embeddings:
       item_ids = jnp.zeros_like(item_ids)
-    return net.input_vectors(tokens, item_ids)
+    x = net.input_vectors(tokens, item_ids)
+    if not self.soft_parts:
+      return x
+    items, users, positions = soft
+    parts = []
+    if "cf" in self.soft_parts:
+      parts.append(jnp.take(frozen["cf"], items, axis=0))
+    if "content" in self.soft_parts:
+      # Row 0 of the content table is "no interaction".
+      rows = jnp.where(items > 0, jnp.take(frozen["offsets"], users) + positions + 1, 0)
+      parts.append(jnp.take(frozen["content"], rows, axis=0))
+    vectors = net.soft_tokens(jnp.concatenate(parts, -1)).astype(x.dtype)
+    return jnp.where((items > 0)[..., None], vectors, x)
+
+  def _soft(self, batch, prefix: str):
+    if not self.soft_parts:
+      return None
+    return tuple(batch[f"{prefix}soft_{k}"] for k in ("items", "users", "positions"))
 
   def loss_fn(self, net: LumenNetwork, batch, rng):
     """Mean cross-entropy over target tokens, each target item counting as one token
     scored by the item softmax (weighted by `item_loss_weight`). `rng` is unused (no dropout)."""
     del rng
-    x = self.input_vectors(net, batch["decoder_input_tokens"], batch["decoder_input_item_ids"])
+    x = self.input_vectors(net, batch["decoder_input_tokens"], batch["decoder_input_item_ids"],
+                           self._soft(batch, "decoder_input_"), batch.get("frozen"))
     segments = batch["decoder_segment_ids"]
     hidden = net.lm.hidden_states(inputs_embeds=x, mask=segments, positions=batch["decoder_positions"])
     targets, w = batch["decoder_target_tokens"], batch["decoder_loss_weights"].astype(jnp.float32)
@@ -216,7 +254,8 @@ class Lumen:
     "item_target", pessimistic: ties rank above it), the top item's vector is fed back and
     the text is decoded greedily after it. Otherwise the text follows the prompt.
     "text": int32 [B, max_new_tokens], padded with 0 after each row's EOS."""
-    x = self.input_vectors(net, batch["prompt_tokens"], batch["prompt_item_ids"])
+    x = self.input_vectors(net, batch["prompt_tokens"], batch["prompt_item_ids"], self._soft(batch, "prompt_"),
+                           batch.get("frozen"))
     mask = batch["prompt_mask"]
     out = {}
     if recommend:
@@ -233,83 +272,17 @@ class Lumen:
     return out
 
 
-def interaction_index(data_dir) -> tuple[np.ndarray, np.ndarray]:
-  """(offsets int64 [num_users + 1], items [interactions]): user u's interactions are rows
-  offsets[u]:offsets[u + 1] of the flattened sequences (users in id order)."""
-  from recjax.data.prepared import PreparedDataset
-  table = PreparedDataset(data_dir).sequences(["user_id", "items"])
-  users = table.column("user_id").to_numpy()
-  if not np.array_equal(users, np.arange(len(users))):
-    raise ValueError(f"{data_dir}: sequences are not stored in user-id order")
-  items = table.column("items").combine_chunks()
-  return (np.asarray(items.offsets, np.int64),
-          np.asarray(items.values.to_numpy(zero_copy_only=False), np.int64))
-
-
-def fusion_tables(data_dir, *, cf_dim: int = 64, wals: str = "wals", embeddings: str = "minilm", log_fn=None) -> dict:
-  """Trainer frozen inputs of the soft prompts: "cf" [vocab, cf_dim], the `wals` artifact's
-  item vectors (fitted on the training part) scaled to mean norm 1 over real items; "content"
-  [1 + interactions, D], the unit-normalised sum of the item text's (the `text_embeddings`
-  artifact) and the review's sentence embeddings (row 0 = no interaction; reviews are
-  embedded by the same encoder and cached under DIR/text_cache/). Both artifacts are built
-  by `recjax fit` (gin/fits/wals.gin, gin/fits/text_embeddings.gin)."""
-  from recjax.artifacts import text_embeddings
-  from recjax.artifacts import wals as wals_artifact
-  from recjax.data.prepared import PreparedDataset
-  from recjax.models import wals as wals_lib
-  model = wals_artifact.load(data_dir, wals)
-  if model.item_factors.shape[1] != cf_dim:
-    raise ValueError(f"the wals artifact {wals!r} of {data_dir} has {model.item_factors.shape[1]} dims but the "
-                     f"model's cf_dim is {cf_dim}; fit one with --gin.wals_model.WALSConfig.dim={cf_dim}")
-  vocab = len(model.item_factors)
-  cf = wals_lib.normalize_by_mean_norm(model.item_factors, rows=np.arange(NUM_RESERVED, vocab))
-  cf[:NUM_RESERVED] = 0
-  item_text, meta = text_embeddings.load(data_dir, embeddings)
-  encoder = text_embeddings.load_encoder(meta)
-  table = PreparedDataset(data_dir).sequences(["items", "reviews"]).to_pydict()
-  flat_items = np.asarray([i for seq in table["items"] for i in seq], np.int64)
-  reviews = [str(r or "") for seq in table["reviews"] for r in seq]
-  review_emb = _review_embeddings(data_dir, encoder, reviews, log_fn)
-  content = item_text[flat_items] + review_emb
-  content /= np.maximum(np.linalg.norm(content, axis=-1, keepdims=True), 1e-12)
-  content = np.concatenate([np.zeros((1, content.shape[1]), np.float32), content]).astype(np.float32)
-  return {"cf": (cf.astype(np.float32), ("item", None)), "content": (content, (None, None))}
-
-
-def _review_embeddings(data_dir, encoder, reviews: list[str], log_fn) -> np.ndarray:
-  """Sentence embeddings of the reviews (empty ones: zeros), each distinct text once, cached."""
-  from recjax.artifacts import text_embeddings as te
-  unique = sorted(set(r for r in reviews if r.strip()))
-  path = pathlib.Path(data_dir) / "text_cache" / f"reviews-{te.strings_key(encoder.fingerprint, unique)}.npy"
-  if path.is_file():
-    emb = np.load(path)
-  else:
-    start = time.perf_counter()
-    emb = te.embed_by_length(encoder, unique) if unique else np.zeros((0, encoder.dim), np.float32)
-    te.save_npy_atomic(path, emb)
-    if log_fn:
-      log_fn(f"embedded {len(unique):,} distinct reviews with {encoder.name} in "
-             f"{time.perf_counter() - start:.0f}s -> {path}")
-  index = {r: i for i, r in enumerate(unique)}
-  out = np.zeros((len(reviews), encoder.dim), np.float32)
-  for i, r in enumerate(reviews):
-    if r in index:
-      out[i] = emb[index[r]]
-  return out
-
-
-def adapter_norm_split(model: Lumen, net: LumenNetwork, examples: dict, frozen: dict) -> dict:
-  """"Beyond Retrieval" section 6.2 for a linear cf+content adapter: over the test rows'
-  soft slots, the norms of W_cf x_cf and W_content x_content and the CF share of their sum."""
+def adapter_norm_split(model: Lumen, net: LumenNetwork, cf: np.ndarray, content: np.ndarray) -> dict:
+  """"Beyond Retrieval" section 6.2 for a linear cf+content adapter: over the given soft
+  slots' inputs (cf [N, cf_dim], content [N, content_dim]), the mean norms of W_cf x_cf and
+  W_content x_content and the CF share of their sum."""
   if model.adapter != "linear" or model.soft_parts != ("cf", "content"):
     raise ValueError("the norm split needs a linear adapter over cf+content")
   kernel = np.asarray(net.adapter[0].kernel[...])
-  used = examples["soft_items"] > 0
-  cf = np.asarray(frozen["cf"])[examples["soft_items"][used]] @ kernel[:model.cf_dim]
-  content = np.asarray(frozen["content"])[examples["soft_rows"][used]] @ kernel[model.cf_dim:]
-  a, b = np.linalg.norm(cf, axis=-1), np.linalg.norm(content, axis=-1)
+  a = np.linalg.norm(np.asarray(cf) @ kernel[:cf.shape[-1]], axis=-1)
+  b = np.linalg.norm(np.asarray(content) @ kernel[cf.shape[-1]:], axis=-1)
   return {"cf_norm": float(a.mean()), "content_norm": float(b.mean()),
-          "cf_share": float(np.mean(a / np.maximum(a + b, 1e-12))), "slots": int(used.sum())}
+          "cf_share": float(np.mean(a / np.maximum(a + b, 1e-12))), "slots": int(len(a))}
 
 
 class SentencePieceText:
