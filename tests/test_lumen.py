@@ -341,3 +341,64 @@ def test_lumen_two_processes_match_one_process(regen, tmp_path):
   assert step == 6 and set(want) == set(got)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)
+
+
+# --- soft-prompt fusion ("Beyond Retrieval") on the same path ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused(synthetic_prepared, tmp_path_factory):
+  """A copy of the synthetic REGEN set with the fusion tables' artifacts (WALS, MiniLM)."""
+  import shutil
+  from recjax.artifacts import text_embeddings, wals
+  data = tmp_path_factory.mktemp("fused") / "regen"
+  shutil.copytree(synthetic_prepared["synthetic_regen"], data)
+  if not (data / "artifacts" / "text_embeddings" / "minilm").is_dir():
+    text_embeddings.fit(data, "minilm")
+  wals.fit(data, "wals")
+  return data
+
+
+def test_soft_slots_name_the_windows_newest_interactions(fused):
+  import seqio
+  import recjax.tasks as tasks
+  from recjax.artifacts import fusion
+  from recjax.data import converters, pipeline
+  tasks.register_dataset_tasks("tfus", fused)
+  offsets, flat = fusion.interaction_index(fused)
+  ph = seqio.get_mixture_or_task("tfus_narrative").output_features["inputs"].vocabulary.item_placeholder_id
+  conv = converters.PrefixLMConverter(placeholder_id=ph, soft_tokens=5)
+  it = pipeline.DataIterator("tfus_narrative", split="train", feature_converter=conv,
+                             task_feature_lengths={"inputs": 96, "targets": 40}, batch_size=8)
+  b = next(it)
+  assert b["decoder_target_tokens"].shape == (8, 5 + 96 + 40)
+  soft = b["decoder_input_soft_items"] > 0
+  assert soft.any()
+  rows = offsets[b["decoder_input_soft_users"][soft]] + b["decoder_input_soft_positions"][soft]
+  np.testing.assert_array_equal(flat[rows], b["decoder_input_soft_items"][soft])
+  # Each example's soft slots come first: at most 5, right after its start, never trained on.
+  starts = np.argwhere((b["decoder_positions"] == 0) & (b["decoder_segment_ids"] > 0))
+  for r, c in starts:
+    run = soft[r, c + 1:c + 6]
+    assert run[:run.sum()].all() and (b["decoder_loss_weights"][r, c:c + run.sum() + 1] == 0).all()
+
+
+FUSION = [a.replace("lumen_synthetic", "fusion_synthetic") for a in LUMEN
+          if "MIXTURE_OR_TASK_NAME" not in a] + ["--gin.MIXTURE_OR_TASK_NAME='tsyn_narrative_endorsement'",
+                                                 "--gin.lumen.Lumen.soft_tokens=5"]
+
+
+@pytest.mark.parametrize("soft", ["cf+content"])
+def test_fusion_trains_and_evaluates_from_gin(fused, tmp_path, soft):
+  run = [*FUSION, f"--gin.SOFT_PROMPT='{soft}'", "--gin.ADAPTER='linear'", "--gin.TRAIN_STEPS=10",
+         f"--gin.MODEL_DIR={tmp_path}"]
+  out = recjax("train", *run, dataset=fused)
+  assert out.returncode == 0, out.stderr[-3000:]
+  _, params = checkpoint_params(tmp_path)
+  kernel = params["adapter/0/kernel"]
+  assert kernel.shape == (64 + 384, 32)  # WALS 64 + MiniLM 384 -> hidden
+  out = recjax("evaluate", *run, dataset=fused)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads((tmp_path / "eval_step_10.json").read_text())["results"]
+  assert res["test/tsyn_narrative_endorsement/narrative"]["count"] == 20
+  assert "test/tsyn_narrative_endorsement/items" not in res  # narrative rows name no item to rank
