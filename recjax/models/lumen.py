@@ -142,7 +142,12 @@ class Lumen:
     if self.vocab_size <= 2 or self.num_items <= NUM_RESERVED:
       raise ValueError(f"Lumen needs vocab_size and num_items from the task, got {self.vocab_size}, "
                        f"{self.num_items}")
-    soft_dim = sum({"cf": self.cf_dim, "content": self.content_dim}[p] for p in self.soft_parts)
+    widths = {"cf": self.cf_dim, "content": self.content_dim}
+    unset = [p for p in self.soft_parts if widths[p] <= 0]
+    if unset:
+      raise ValueError(f"Lumen.soft_prompt {self.soft_prompt!r}: the width of {unset} is unset; it comes from "
+                       "the task's frozen inputs (train through recjax.train.loop, or set cf_dim / content_dim)")
+    soft_dim = sum(widths[p] for p in self.soft_parts)
     return LumenNetwork(self.gemma_config(), self.num_items, rngs=rngs, soft_dim=soft_dim, adapter=self.adapter,
                         item_rows=self._padded(self.num_items))
 
