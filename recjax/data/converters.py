@@ -925,6 +925,9 @@ class PrefixLMEvalConverter(PrefixLMConverter):
   """
 
   PASSTHROUGH = {"user_id": FeatureSpec(tf.int32, rank=0), "targets_pretokenized": FeatureSpec(tf.string, rank=0)}
+  # Without the passthrough features (each call adds those its dataset has).
+  MODEL_FEATURES = {"prompt_tokens": FeatureSpec(tf.int32), "prompt_item_ids": FeatureSpec(tf.int32),
+                    "prompt_mask": FeatureSpec(tf.int32), "item_target": FeatureSpec(tf.int32, rank=0)}
 
   def __init__(self, *, placeholder_id: int):
     super().__init__(placeholder_id=placeholder_id, pack=False)
@@ -933,8 +936,7 @@ class PrefixLMEvalConverter(PrefixLMConverter):
     raise NotImplementedError("evaluation rows are not trained on")
 
   def _model_features(self, spec) -> dict[str, FeatureSpec]:
-    out = {"prompt_tokens": FeatureSpec(tf.int32), "prompt_item_ids": FeatureSpec(tf.int32),
-           "prompt_mask": FeatureSpec(tf.int32), "item_target": FeatureSpec(tf.int32, rank=0)}
+    out = dict(PrefixLMEvalConverter.MODEL_FEATURES)
     return {**out, **{k: v for k, v in self.PASSTHROUGH.items() if k in spec}}
 
   def _convert_features(self, ds, task_feature_lengths):
