@@ -395,11 +395,17 @@ def test_lumen_export_generates_and_reevaluates_like_the_checkpoint(regen, tmp_p
     few = jax.device_get(generate({k: v[:3] for k, v in features.items()}, recommend))
     for k in want:
       np.testing.assert_array_equal(few[k], want[k][:3], err_msg=k)
+    if recommend:
+      want_recommend = want
   # The texts decode without the task registry (the export's SentencePiece model).
   vocabulary = exported.load_vocabulary(export_dir)
   task_vocabulary = provider.output_features["targets"].vocabulary
   for ids in got["text"]:
     assert (text_generation.decode_text(vocabulary, ids, after_item=False)
             == text_generation.decode_text(task_vocabulary, ids, after_item=False))
-  with pytest.raises(ValueError, match="batches of 8 rows"):
-    generate({k: np.concatenate([v, v]) for k, v in features.items()}, True)
+  # More rows than the export's batch run in chunks of it.
+  twice = jax.device_get(generate({k: np.concatenate([v, v[:5]]) for k, v in features.items()}, True))
+  for k in ("items", "target_rank", "text"):
+    np.testing.assert_array_equal(twice[k], np.concatenate([want_recommend[k], want_recommend[k][:5]]), err_msg=k)
+  with pytest.raises(ValueError, match="width"):
+    generate({**features, "prompt_tokens": features["prompt_tokens"][:, 1:]}, True)

@@ -93,8 +93,8 @@ def load_text_generator(export_dir):
   or {"text"} of an LM recommender's export (`recjax.export`, evaluator "lumen"): the same
   outputs as `text_generation.checkpoint_generator`, from the serialized functions and numpy
   parameters alone. `batch`: `PrefixLMEvalConverter` rows ("prompt_tokens", "prompt_item_ids",
-  "prompt_mask" [b, W], "item_target" [b]; other keys are ignored), at most the export's
-  batch size (smaller ones are padded); `.metadata` is the export's metadata."""
+  "prompt_mask" [b, W], "item_target" [b]; other keys are ignored), any b: run in chunks of
+  the export's fixed batch size, the last padded; `.metadata` is the export's metadata."""
   d = pathlib.Path(export_dir)
   meta, params = metadata(d), _params(d)
   if meta.get("evaluator") != "lumen":
@@ -113,9 +113,12 @@ def load_text_generator(export_dir):
       if v.ndim == 2 and v.shape[1] != widths[k]:
         raise ValueError(f"{d} reads {k} of width {widths[k]} (task lengths {meta['task_feature_lengths']}), "
                          f"got {v.shape[1]}: use the export's TASK_FEATURE_LENGTHS")
-    batch, n = _pad_rows(batch, fixed, d)
-    out = functions[bool(recommend)].call(params, frozen, batch)
-    return {k: v[:n] for k, v in out.items()}
+    n = len(batch[features[0]])
+    parts = []
+    for start in range(0, max(n, 1), fixed):  # the export's fixed batch: chunks, the last padded
+      chunk, m = _pad_rows({k: v[start:start + fixed] for k, v in batch.items()}, fixed, d)
+      parts.append({k: v[:m] for k, v in functions[bool(recommend)].call(params, frozen, chunk).items()})
+    return parts[0] if len(parts) == 1 else {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   generate.metadata = meta
   return generate
