@@ -21,6 +21,19 @@ A generative model (TIGER):
     config.gin, metadata.json ("evaluator": "generative_retrieval", the trie's offsets and
                         sizes, num_beams, the eval converter), items.tsv
 
+An LM recommender that writes (LUMEN, FLARE + LLM's LM; evaluator "lumen"):
+
+    params.npz          inference parameters
+    frozen.npz          the model's frozen inputs, when it has any
+    generate_recommend.jaxexport  serialized jax.export: (params, frozen, batch) -> {"items",
+                        "item_scores", "target_rank", "text"}: the item softmax after "ID:"
+                        (top num_items), then the narrative decoded greedily after the top item
+    generate_text.jaxexport       the same without the item: {"text"} after the prompt
+                        (batch: `PrefixLMEvalConverter` rows, a fixed batch of `batch_size`)
+    vocabulary.model    the task's SentencePiece model (decodes "text" without the task registry)
+    config.gin, metadata.json ("evaluator": "lumen", num_items, max_new_tokens, the task's
+                        lengths, the eval converter with its placeholder id), items.tsv
+
 Serving needs only jax (`jax.export.deserialize(...).call(params, batch)`), not recjax's
 model code; `recjax evaluate --exported DIR` re-computes the checkpoint's metrics from
 these files.
@@ -86,8 +99,9 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
            num_beams: int = 20, batch_size: int | None = None, mesh_fn: Callable = mesh_lib.create_mesh,
            logical_axis_rules=mesh_lib.DEFAULT_RULES, checkpoint: str = "latest") -> str:
   """Writes EXPORT_DIR (see the module docstring); returns its path. `num_beams`: the
-  beams (= items returned) a generative model's export decodes; `batch_size`: its fixed
-  batch (None: symbolic). Evaluated with the same batch size as the checkpoint, a fixed
+  beams (= items returned) a generative model's export decodes; `top_k`: the items an LM
+  recommender's export returns; `batch_size`: their fixed batch (None: symbolic; an LM
+  recommender needs one). Evaluated with the same batch size as the checkpoint, a fixed
   batch compiles the same program, so near-tied beams order alike and the metrics match
   exactly; the reader pads smaller batches."""
   mesh = mesh_fn()
@@ -95,8 +109,12 @@ def export(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.RE
                                              eval_lib.checkpoint_dir(model_dir, checkpoint), mesh,
                                              logical_axis_rules, checkpoint_step, task_feature_lengths)
   out = integrity.begin_staged(export_dir, "export")  # moved to export_dir when complete
-  if base.evaluator_name(source.model) == "generative_retrieval":
-    _export_generative(source, out, mixture_or_task_name, task_feature_lengths, num_beams, batch_size)
+  kind = base.evaluator_name(source.model)
+  if kind in ("generative_retrieval", "lumen"):
+    if kind == "generative_retrieval":
+      _export_generative(source, out, mixture_or_task_name, task_feature_lengths, num_beams, batch_size)
+    else:  # `top_k`: the items recommended after "ID:"
+      _export_text_generation(source, out, mixture_or_task_name, task_feature_lengths, top_k, batch_size)
     integrity.finish_staged(out, export_dir, "export")
     print(f"exported step {source.step} of {model_dir} to {export_dir}")
     return str(export_dir)
@@ -194,6 +212,66 @@ def _export_generative(source, out: pathlib.Path, task_name: str, task_feature_l
               "usage": "jax.export.deserialize(open('generate.jaxexport','rb').read()).call(params, "
                        "(level_0, ..., level_L-1), {'encoder_input_tokens': int32 [b, E]}) -> "
                        "(item ids [b, num_beams], scores [b, num_beams]); -1 = no item",
+              "dataset": identity.of_task(task_name)}
+  (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+  _write_items(out, task_name)
+
+
+def _export_text_generation(source, out: pathlib.Path, task_name: str, task_feature_lengths, top_k: int,
+                            batch_size: int | None) -> None:
+  """The `lumen` evaluator's generation (`text_generation.checkpoint_generator`), one
+  serialized function per `recommend`, the parameters and frozen inputs as arguments."""
+  import seqio
+  import shutil
+  import recjax.tasks  # noqa: F401
+  from recjax.evaluation import text_generation
+  model, trainer = source.model, source.trainer
+  if not batch_size:
+    raise ValueError("exporting an LM recommender needs a fixed batch: bind export_lib.export.batch_size "
+                     "(e.g. = %EVAL_BATCH_SIZE, as experiments/lumen_synthetic.gin does)")
+  flat, keys, treedef = _flatten(source.params)
+  np.savez(out / "params.npz", **flat)
+  frozen = {k: np.asarray(jax.device_get(v)) for k, v in (trainer.frozen or {}).items()}
+  if frozen:
+    np.savez(out / "frozen.npz", **frozen)
+  converter = model.eval_feature_converter()
+  lengths = converter.get_model_feature_lengths(task_feature_lengths)
+  max_new_tokens = int(task_feature_lengths["targets"])
+  features = [k for k in text_generation.FEATURES if k in lengths]  # soft-prompt slots only when used
+  batch_spec = {k: jax.ShapeDtypeStruct((batch_size, lengths[k]) if k != "item_target" else (batch_size,), jnp.int32)
+                for k in features}
+  params_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+  frozen_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in frozen.items()}
+  functions = {}
+  for recommend, name in ((True, "generate_recommend"), (False, "generate_text")):
+    def generate(flat_params, frozen_inputs, batch, recommend=recommend):
+      params = jax.tree_util.tree_unflatten(treedef, [flat_params[k] for k in keys])
+      if frozen_inputs:
+        batch = dict(batch, frozen=frozen_inputs)
+      return model.predict_batch(trainer.network(params), batch, num_items=top_k, max_new_tokens=max_new_tokens,
+                                 recommend=recommend)
+    exported = jax.export.export(jax.jit(generate))(params_spec, frozen_spec, batch_spec)
+    (out / f"{name}.jaxexport").write_bytes(exported.serialize())
+    functions[name] = list(exported.platforms)
+  vocabulary = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+  spm = getattr(vocabulary, "sentencepiece_model_file", None)
+  if spm:
+    shutil.copyfile(spm, out / "vocabulary.model")
+  (out / "config.gin").write_text(gin.operative_config_str())
+  metadata = {"step": int(source.step), "task": task_name, "evaluator": "lumen", "kind": "text_generation",
+              "vocab_size": int(model.vocab_size), "num_items": int(top_k), "max_new_tokens": max_new_tokens,
+              "batch_features": features, "batch_size": int(batch_size),
+              "feature_lengths": {k: int(lengths[k]) for k in features},
+              "task_feature_lengths": {k: int(v) for k, v in task_feature_lengths.items()},
+              "frozen": sorted(frozen), "vocabulary": "vocabulary.model" if spm else None,
+              "converter": {"class": type(converter).__name__,
+                            "kwargs": {"placeholder_id": int(converter.placeholder_id)}},
+              "platforms": functions["generate_recommend"],
+              "usage": "recjax.evaluation.exported.load_text_generator(DIR)(batch, recommend) -> {'items', "
+                       "'item_scores', 'target_rank', 'text'}; or jax.export.deserialize(open("
+                       "'generate_recommend.jaxexport','rb').read()).call(params, frozen, batch) with batch = "
+                       "{prompt_tokens, prompt_item_ids, prompt_mask: int32 [batch_size, W], item_target: int32 "
+                       "[batch_size]}; 'text' ids end at EOS (1), decode them with vocabulary.model",
               "dataset": identity.of_task(task_name)}
   (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
   _write_items(out, task_name)

@@ -29,8 +29,8 @@ ENTRYPOINTS = {
                  "critiquing evaluation: precise / broad / none and out-of-sequence Cat-nDCG "
                  "(gin/runs/critique.gin)"),
     "export": ("recjax.export", "export",
-               "self-contained export: params, config, vocab, serialized scoring or constrained "
-               "generation (gin/runs/export.gin)"),
+               "self-contained export: params, config, vocab, serialized scoring, constrained "
+               "generation or LM generation (item + narrative) (gin/runs/export.gin)"),
     "fit": ("recjax.artifacts.fit", "fit",
             "build a derived artifact of a prepared dataset: semantic IDs, text embeddings, WALS "
             "vectors, the preference benchmark (gin/fits/*.gin)"),

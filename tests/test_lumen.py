@@ -390,15 +390,88 @@ FUSION = [a.replace("lumen_synthetic", "fusion_synthetic") for a in LUMEN
 
 @pytest.mark.parametrize("soft", ["cf+content"])
 def test_fusion_trains_and_evaluates_from_gin(fused, tmp_path, soft):
+  """...and its export (the fusion tables travel with it) re-evaluates identically."""
+  model_dir, export_dir = tmp_path / "m", tmp_path / "e"
   run = [*FUSION, f"--gin.SOFT_PROMPT='{soft}'", "--gin.ADAPTER='linear'", "--gin.TRAIN_STEPS=10",
-         f"--gin.MODEL_DIR={tmp_path}"]
-  out = recjax("train", *run, dataset=fused)
-  assert out.returncode == 0, out.stderr[-3000:]
-  _, params = checkpoint_params(tmp_path)
+         "--gin.EVAL_BATCH_SIZE=8", f"--gin.MODEL_DIR={model_dir}", f"--gin.EXPORT_DIR={export_dir}"]
+  for command in ("train", "evaluate", "export"):
+    out = recjax(command, *run, dataset=fused)
+    assert out.returncode == 0, (command, out.stderr[-3000:])
+  _, params = checkpoint_params(model_dir)
   kernel = params["adapter/0/kernel"]
   assert kernel.shape == (64 + 384, 32)  # WALS 64 + MiniLM 384 -> hidden
-  out = recjax("evaluate", *run, dataset=fused)
-  assert out.returncode == 0, out.stderr[-3000:]
-  res = json.loads((tmp_path / "eval_step_10.json").read_text())["results"]
+  res = json.loads((model_dir / "eval_step_10.json").read_text())["results"]
   assert res["test/tsyn_narrative_endorsement/narrative"]["count"] == 20
   assert "test/tsyn_narrative_endorsement/items" not in res  # narrative rows name no item to rank
+  out = recjax("evaluate", *run, "--exported", export_dir, dataset=fused)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads((export_dir / "eval_export.json").read_text())["results"] == res
+  assert (export_dir / "frozen.npz").is_file()
+
+
+def test_lumen_export_generates_and_reevaluates_like_the_checkpoint(regen, tmp_path):
+  """`recjax export` of LUMEN: the serialized generation (params as arguments, no model code
+  when loaded) gives the checkpoint's items, ranks and text ids, and `recjax evaluate
+  --exported` its metrics."""
+  import functools
+  import seqio
+  from recjax.evaluation import evaluate as eval_lib
+  from recjax.evaluation import evaluators, exported, text_generation
+  from recjax.train import mesh as mesh_lib
+  task, lengths = "tsyn_lumen_endorsement", {"inputs": 96, "targets": 40}
+  model_dir, export_dir = tmp_path / "m", tmp_path / "e"
+  run = [*LUMEN, f"--gin.MIXTURE_OR_TASK_NAME='{task}'", "--gin.TRAIN_STEPS=10", "--gin.EVAL_BATCH_SIZE=8",
+         "--gin.evaluators.lumen.max_rows=12", f"--gin.MODEL_DIR={model_dir}", f"--gin.EXPORT_DIR={export_dir}"]
+  for command in ("train", "evaluate", "export"):
+    out = recjax(command, *run, dataset=regen)
+    assert out.returncode == 0, (command, out.stderr[-3000:])
+  out = recjax("evaluate", *run, "--exported", export_dir, dataset=regen)
+  assert out.returncode == 0, out.stderr[-3000:]
+  ckpt = json.loads((model_dir / "eval_step_10.json").read_text())
+  exp = json.loads((export_dir / "eval_export.json").read_text())
+  assert ckpt["evaluator"] == exp["evaluator"] == "lumen" and exp["source"] == "export"
+  assert ckpt["results"] == exp["results"]  # the export alone writes the same texts and ranks
+  assert ckpt["results"][f"test/{task}/items"]["count"] == 12
+  assert {p.name for p in export_dir.iterdir()} >= {"params.npz", "generate_recommend.jaxexport",
+                                                     "generate_text.jaxexport", "vocabulary.model",
+                                                     "metadata.json", "config.gin", "checksums.json"}
+  generate = exported.load_text_generator(export_dir)
+  meta = generate.metadata
+  assert (meta["kind"], meta["num_items"], meta["max_new_tokens"], meta["batch_size"]) == ("text_generation", 20,
+                                                                                           40, 8)
+  converter = exported.load_eval_converter(export_dir)
+  provider = seqio.get_mixture_or_task(task)
+  assert converter.placeholder_id == provider.output_features["inputs"].vocabulary.item_placeholder_id
+  # The checkpoint's own generation (what the evaluator runs) on the first eval batch.
+  factory = functools.partial(lumen.Lumen, hidden_size=32, num_layers=1, num_heads=2, head_dim=16, mlp_dim=64)
+  factory.VOCAB_FEATURE, factory.TASK_FIELDS = lumen.Lumen.VOCAB_FEATURE, lumen.Lumen.TASK_FIELDS
+  source = evaluators.Source.from_checkpoint(factory, task, model_dir, mesh_lib.create_mesh(),
+                                             mesh_lib.DEFAULT_RULES, task_feature_lengths=lengths)
+  reference = text_generation.checkpoint_generator(source.model, source.trainer, source.params, num_items=20,
+                                                   max_new_tokens=40)
+  batch = next(eval_lib.eval_batches(task, "test", converter, lengths, 8))
+  features = {k: batch[k] for k in text_generation.FEATURES if k in batch}
+  for recommend in (True, False):
+    want = jax.device_get(reference({k: source.put(v) for k, v in features.items()}, recommend))
+    got = jax.device_get(generate(features, recommend))
+    assert set(got) == set(want) == ({"items", "item_scores", "target_rank", "text"} if recommend else {"text"})
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} recommend={recommend}")
+    # Fewer rows than the export's batch are padded: the same rows' outputs.
+    few = jax.device_get(generate({k: v[:3] for k, v in features.items()}, recommend))
+    for k in want:
+      np.testing.assert_array_equal(few[k], want[k][:3], err_msg=k)
+    if recommend:
+      want_recommend = want
+  # The texts decode without the task registry (the export's SentencePiece model).
+  vocabulary = exported.load_vocabulary(export_dir)
+  task_vocabulary = provider.output_features["targets"].vocabulary
+  for ids in got["text"]:
+    assert (text_generation.decode_text(vocabulary, ids, after_item=False)
+            == text_generation.decode_text(task_vocabulary, ids, after_item=False))
+  # More rows than the export's batch run in chunks of it.
+  twice = jax.device_get(generate({k: np.concatenate([v, v[:5]]) for k, v in features.items()}, True))
+  for k in ("items", "target_rank", "text"):
+    np.testing.assert_array_equal(twice[k], np.concatenate([want_recommend[k], want_recommend[k][:5]]), err_msg=k)
+  with pytest.raises(ValueError, match="width"):
+    generate({**features, "prompt_tokens": features["prompt_tokens"][:, 1:]}, True)

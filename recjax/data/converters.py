@@ -841,6 +841,8 @@ class PrefixLMConverter(seqio.FeatureConverter):
   def __init__(self, *, placeholder_id: int, pack: bool = True, window: int = 1024, soft_tokens: int = 0):
     super().__init__(pack=pack, apply_length_check=False)
     self.placeholder_id, self.window, self.soft_tokens = int(placeholder_id), int(window), int(soft_tokens)
+    # This converter's features without passthrough ones (each call adds those its data has).
+    self.MODEL_FEATURES = self._model_features({})
 
   def __repr__(self):
     return (f"{type(self).__name__}(placeholder_id={self.placeholder_id}, pack={self.pack}, "
@@ -959,6 +961,9 @@ class PrefixLMEvalConverter(PrefixLMConverter):
   """
 
   PASSTHROUGH = {"user_id": FeatureSpec(tf.int32, rank=0), "targets_pretokenized": FeatureSpec(tf.string, rank=0)}
+  # Without the passthrough features (each call adds those its dataset has).
+  MODEL_FEATURES = {"prompt_tokens": FeatureSpec(tf.int32), "prompt_item_ids": FeatureSpec(tf.int32),
+                    "prompt_mask": FeatureSpec(tf.int32), "item_target": FeatureSpec(tf.int32, rank=0)}
 
   def __init__(self, *, placeholder_id: int, soft_tokens: int = 0):
     super().__init__(placeholder_id=placeholder_id, pack=False, soft_tokens=soft_tokens)
@@ -967,8 +972,7 @@ class PrefixLMEvalConverter(PrefixLMConverter):
     raise NotImplementedError("evaluation rows are not trained on")
 
   def _model_features(self, spec) -> dict[str, FeatureSpec]:
-    out = {"prompt_tokens": FeatureSpec(tf.int32), "prompt_item_ids": FeatureSpec(tf.int32),
-           "prompt_mask": FeatureSpec(tf.int32), "item_target": FeatureSpec(tf.int32, rank=0)}
+    out = dict(PrefixLMEvalConverter.MODEL_FEATURES)
     if self.soft_tokens:
       out.update({f"prompt_{k}": FeatureSpec(tf.int32) for k in self.SOFT})
     return {**out, **{k: v for k, v in self.PASSTHROUGH.items() if k in spec}}

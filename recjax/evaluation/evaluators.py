@@ -144,6 +144,10 @@ def lumen(*, source: Source, mixture_or_task_name: str, task_feature_lengths, sp
   if source.export_dir:
     from recjax.evaluation import exported
     generate = exported.load_text_generator(source.export_dir)
+    if generate.metadata["max_new_tokens"] != max_new_tokens:
+      raise ValueError(f"{source.export_dir} writes {generate.metadata['max_new_tokens']} tokens, but the "
+                       f"task's 'targets' length is {max_new_tokens}: evaluate with the export's "
+                       f"TASK_FEATURE_LENGTHS {generate.metadata['task_feature_lengths']}")
     converter = exported.load_eval_converter(source.export_dir)
   else:
     generate = text_generation.checkpoint_generator(source.model, source.trainer, source.params,
