@@ -265,7 +265,8 @@ def _export_text_generation(source, out: pathlib.Path, task_name: str, task_feat
               "task_feature_lengths": {k: int(v) for k, v in task_feature_lengths.items()},
               "frozen": sorted(frozen), "vocabulary": "vocabulary.model" if spm else None,
               "converter": {"class": type(converter).__name__,
-                            "kwargs": {"placeholder_id": int(converter.placeholder_id)}},
+                            "kwargs": {"placeholder_id": int(converter.placeholder_id),
+                                       "soft_tokens": int(converter.soft_tokens)}},
               "platforms": functions["generate_recommend"],
               "usage": "recjax.evaluation.exported.load_text_generator(DIR)(batch, recommend) -> {'items', "
                        "'item_scores', 'target_rank', 'text'}; or jax.export.deserialize(open("
