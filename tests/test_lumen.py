@@ -1,7 +1,9 @@
 """LUMEN on the model contract: one LM that recommends (item softmax at the ID slot) and
 then writes a narrative conditioned on the item it chose; its packed prefix-LM rows; and
-the gin path (train, resume, several processes, a sharded mesh, evaluate, infer)."""
+the gin path (train, resume, several processes, a sharded mesh, evaluate, infer, a
+pretrained Gemma start)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ import pytest
 from flax import nnx
 
 from recjax.models import lumen
+from recjax.models.text import gemma
 from test_train import REPO, _sigkill_then_resume_matches_uninterrupted, checkpoint_params, recjax
 
 PLACEHOLDER, ID_TOKEN, COLON = 3, 4, 5
@@ -475,3 +478,85 @@ def test_lumen_export_generates_and_reevaluates_like_the_checkpoint(regen, tmp_p
     np.testing.assert_array_equal(twice[k], np.concatenate([want_recommend[k], want_recommend[k][:5]]), err_msg=k)
   with pytest.raises(ValueError, match="width"):
     generate({**features, "prompt_tokens": features["prompt_tokens"][:, 1:]}, True)
+
+
+# --- a pretrained Gemma start -----------------------------------------------------------------
+
+GEMMA = REPO / "tests" / "fixtures" / "tiny_gemma"  # 340 SentencePiece pieces, no "<item>" piece
+
+
+def test_pretrained_gemma_sizes_vocabulary_check_and_grown_rows(tmp_path):
+  loaded = gemma.load_gemma(GEMMA)
+  spm = str(GEMMA / "tokenizer.model")
+  other = tmp_path / "dataset.model"  # any other SentencePiece file (compared by content)
+  other.write_bytes(b"not the checkpoint's model")
+  for bad in (str(other), ""):
+    with pytest.raises(ValueError, match="text_vocabulary_options.spm_model"):
+      lumen.Lumen(vocab_size=440, num_items=20, spm_model=bad, pretrained=str(GEMMA)).gemma_config()
+  # The fixture's 340 pieces + seqio's 100 extra ids = 440 task ids: 512 rows (a multiple of 128).
+  model = lumen.Lumen(vocab_size=440, num_items=20, placeholder_id=340, spm_model=spm, pretrained=str(GEMMA),
+                      hidden_size=8, num_layers=7)  # ignored: the checkpoint's sizes
+  cfg = model.gemma_config()
+  assert cfg == dataclasses.replace(loaded.config, vocab_size=512)
+  fresh = nnx.state(model.network(nnx.Rngs(0)), nnx.Param)
+  net = nnx.merge(nnx.graphdef(model.network(nnx.Rngs(1))), model.initial_params(fresh))
+  emb = net.lm.embedder.embedding[...]
+  assert emb.shape == (512, cfg.hidden_size)
+  np.testing.assert_array_equal(emb[:340], loaded.model.embedder.embedding[...])
+  np.testing.assert_array_equal(emb[340:], fresh["lm"]["embedder"]["embedding"][...][340:])
+  np.testing.assert_array_equal(net.items.embedding[...], fresh["items"]["embedding"][...])  # items: fresh
+  ids = jnp.array([[2, 17, 5, 300, 99, 1]], jnp.int32)
+  np.testing.assert_allclose(net.lm(ids)[..., :340], loaded.model(ids), atol=1e-5)
+  assert lumen.Lumen(vocab_size=440, num_items=20).initial_params(fresh) is fresh  # no checkpoint
+
+
+def test_lumen_pretrained_gemma_start_through_gin(regen, tmp_path):
+  """`--gin.lumen.Lumen.pretrained=tests/fixtures/tiny_gemma` with the tasks tokenized by the
+  fixture's tokenizer.model (`text_vocabulary_options.spm_model`): the first step's loss is
+  the loss of the loaded model's weights on the first batch.
+
+  The fixture tokenizer (340 byte-fallback BPE pieces) is honest enough for the REGEN
+  tasks as they are: it has no `<item>` piece, so the tasks' placeholder is seqio's last
+  extra id (`<extra_id_99>` = 340, as with T5's model), and its 340 pieces + seqio's 100
+  extra ids make 440 task ids, so the embedding grows to 512 rows (the padding multiple):
+  rows 340.. and the item table keep the trainer's fresh values (seed 0), which the
+  reference therefore takes from a fresh network too."""
+  import seqio
+  import recjax.tasks as tasks  # noqa: F401
+  from recjax.data import pipeline
+  from recjax.tasks import text
+  from recjax.train import loop
+  spm = GEMMA / "tokenizer.model"
+  task_args = ["--gin.MIXTURE_OR_TASK_NAME='tsyn_lumen_endorsement'", "--gin.TRAIN_STEPS=1",
+               "--gin.loop.train.log_every=1", f"--gin.lumen.Lumen.pretrained='{GEMMA}'"]
+  model_dir = tmp_path / "m"
+  out = recjax("train", *LUMEN, *task_args, f"--gin.text_vocabulary_options.spm_model='{spm}'",
+               f"--gin.MODEL_DIR={model_dir}", dataset=regen)
+  assert out.returncode == 0, out.stderr[-3000:]
+  (first,) = [json.loads(l) for l in (model_dir / "train_log.jsonl").read_text().splitlines()]
+
+  names = text.register("tgem", regen, spm_model=str(spm))
+  try:
+    task = "tgem_lumen_endorsement"
+    fields = loop.task_fields(lumen.Lumen, task)
+    assert fields["placeholder_id"] == 340 and fields["spm_model"] == str(spm)
+    model = lumen.Lumen(vocab_size=loop.item_vocab_size(task, "targets"), **fields, pretrained=str(GEMMA))
+    assert model.vocab_size == 440
+    batch = next(pipeline.DataIterator(task, split="train", feature_converter=model.feature_converter(),
+                                       task_feature_lengths={"inputs": 96, "targets": 40}, batch_size=8,
+                                       shuffle=True, seed=0))
+  finally:
+    text.unregister(names)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  net = model.network(nnx.Rngs(0))  # the trainer's fresh start (seed 0)
+  fresh_loss, _ = model.loss_fn(net, batch, None)
+  loaded = gemma.load_gemma(GEMMA).model
+  grown = net.lm.embedder.embedding[...].at[:340].set(loaded.embedder.embedding[...])
+  nnx.update(net.lm, nnx.state(loaded, nnx.Param))
+  net.lm.embedder.embedding.set_value(grown)
+  loss, _ = model.loss_fn(net, batch, None)
+  assert first["step"] == 1 and first["loss"] == pytest.approx(float(loss), rel=1e-5)
+  assert float(fresh_loss) != pytest.approx(float(loss), rel=1e-3)  # the checkpoint made the difference
+  # Tasks tokenized by another SentencePiece model (the dataset's own): one clear error.
+  bad = recjax("train", *LUMEN, *task_args, f"--gin.MODEL_DIR={tmp_path / 'bad'}", dataset=regen)
+  assert bad.returncode != 0 and "text_vocabulary_options.spm_model" in bad.stderr, bad.stderr[-3000:]

@@ -352,10 +352,15 @@ def item_placeholder(vocabulary: seqio.SentencePieceVocabulary) -> str:
 
 
 def item_placeholder_id(vocabulary: seqio.SentencePieceVocabulary) -> int:
-  """Token id a model swaps for item embeddings (one per "inputs_item_ids" entry)."""
-  ids = vocabulary.encode(item_placeholder(vocabulary))
-  assert len(ids) == 1, ids
-  return ids[0]
+  """Token id a model swaps for item embeddings (one per "inputs_item_ids" entry): the piece
+  "▁" + placeholder, which the templates always put after a space. Read as a piece, not
+  by encoding the bare placeholder: a model without a dummy prefix (Gemma's tokenizer.model)
+  splits a bare `<extra_id_99>` into bytes, though it reads " <extra_id_99>" as one piece."""
+  placeholder = item_placeholder(vocabulary)
+  piece = vocabulary.tokenizer.PieceToId("\u2581" + placeholder)
+  if piece == vocabulary.tokenizer.unk_id():
+    raise ValueError(f"{vocabulary}: the placeholder {placeholder} is not one piece")
+  return piece
 
 
 # --- source ----------------------------------------------------------------------------
