@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
