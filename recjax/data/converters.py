@@ -676,10 +676,6 @@ class EncoderDecoderConverter(seqio.FeatureConverter):
     spec = ds.element_spec
     if self.user_buckets and "user_id" not in spec:
       raise ValueError(f"user_buckets = {self.user_buckets} needs a 'user_id' feature; the task has {sorted(spec)}")
-    missing = [k for k in self.SOFT_NEEDS if k not in ds.element_spec] if self.soft_tokens else []
-    if missing:
-      raise ValueError(f"{type(self).__name__}: soft_tokens = {self.soft_tokens} needs the features "
-                       f"{list(self.SOFT_NEEDS)}; the dataset lacks {missing}")
     conv = copy.copy(self)  # per call: the passthrough features present decide the specs
     conv.MODEL_FEATURES = {**self.MODEL_FEATURES, **{k: v for k, v in self.PASSTHROUGH.items() if k in spec}}
     return seqio.FeatureConverter.__call__(conv, ds, lengths)
