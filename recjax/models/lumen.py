@@ -363,19 +363,3 @@ def adapter_norm_split(model: Lumen, net: LumenNetwork, cf: np.ndarray, content:
   b = np.linalg.norm(np.asarray(content) @ kernel[cf.shape[-1]:], axis=-1)
   return {"cf_norm": float(a.mean()), "content_norm": float(b.mean()),
           "cf_share": float(np.mean(a / np.maximum(a + b, 1e-12))), "slots": int(len(a))}
-
-
-class SentencePieceText:
-  """Decodes ids with the tasks' SentencePiece model file alone (no seqio / TensorFlow), so
-  training and generation can run where only JAX is installed."""
-
-  def __init__(self, model_file):
-    import sentencepiece
-    self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-
-  def encode(self, text: str) -> list[int]:
-    return list(self.sp.encode(text))
-
-  def decode(self, ids) -> str:
-    size = self.sp.get_piece_size()
-    return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size])
