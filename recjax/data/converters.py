@@ -664,10 +664,7 @@ class EncoderDecoderConverter(seqio.FeatureConverter):
     return self, None
 
   def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-    missing = {"inputs", "targets"} - set(task_feature_lengths)
-    if missing:
-      raise ValueError(f"{type(self).__name__} needs task_feature_lengths for {sorted(missing)}, got "
-                       f"{dict(task_feature_lengths)}")
+    _require_lengths(self, task_feature_lengths, ("inputs", "targets"))
     lengths = {k: int(task_feature_lengths[k]) for k in ("inputs", "targets")}
     room = lengths["inputs"] - (1 if self.user_buckets else 0)
     if room < self.input_unit:
@@ -707,6 +704,13 @@ class EncoderDecoderConverter(seqio.FeatureConverter):
     out = {"encoder_input_tokens": enc, "decoder_target_tokens": dec, "decoder_input_tokens": dec,
            "decoder_loss_weights": dec}
     return {**out, **{k: 1 for k in self.PASSTHROUGH if k in self.MODEL_FEATURES}}
+
+
+def _require_lengths(converter, task_feature_lengths, keys) -> None:
+  missing = set(keys) - set(task_feature_lengths)
+  if missing:
+    raise ValueError(f"{type(converter).__name__} needs task_feature_lengths for {sorted(missing)}, got "
+                     f"{dict(task_feature_lengths)}")
 
 
 def _dense(x):
@@ -848,10 +852,7 @@ class PrefixLMConverter(seqio.FeatureConverter):
     return self, None
 
   def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-    missing = {"inputs", "targets"} - set(task_feature_lengths)
-    if missing:
-      raise ValueError(f"{type(self).__name__} needs task_feature_lengths for {sorted(missing)}, got "
-                       f"{dict(task_feature_lengths)}")
+    _require_lengths(self, task_feature_lengths, ("inputs", "targets"))
     missing = [k for k in self.SOFT_NEEDS if k not in ds.element_spec] if self.soft_tokens else []
     if missing:
       raise ValueError(f"{type(self).__name__}: soft_tokens = {self.soft_tokens} needs the features "

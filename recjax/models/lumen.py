@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import logging
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -173,17 +172,7 @@ class Lumen:
 
   def check_vocabulary(self) -> None:
     """A checkpoint's token ids mean its own tokenizer.model's pieces: refuse any other model."""
-    directory = ckpt.checkpoint_dir(self.pretrained)
-    spm = directory / "tokenizer.model"
-    if not spm.is_file():
-      log.warning("%s has no tokenizer.model: cannot check that the tasks' vocabulary is the checkpoint's",
-                  directory)
-      return
-    if not self.spm_model or pathlib.Path(self.spm_model).read_bytes() != spm.read_bytes():
-      raise ValueError(
-          f"the tasks' SentencePiece model ({self.spm_model or 'unknown'}) is not the checkpoint's {spm} "
-          f"(lumen.Lumen.pretrained): register the tasks with it, gin: "
-          f"text_vocabulary_options.spm_model = '{spm}'")
+    ckpt.check_tokenizer(self.pretrained, "tokenizer.model", self.spm_model, "lumen.Lumen.pretrained")
 
   def initial_params(self, fresh):
     """The checkpoint's LM weights (`pretrained`) in `fresh`, the freshly initialised Param
@@ -199,13 +188,8 @@ class Lumen:
     def merge(path, new):
       if path[0] != lm:
         return new
-      old = loaded[path[1:]]
       used.add(path[1:])
-      if new.shape == old.shape:
-        return jnp.asarray(old, new.dtype)
-      if new.ndim != old.ndim or any(o > n for o, n in zip(old.shape, new.shape)):
-        raise ValueError(f"checkpoint parameter of shape {old.shape} does not fit {new.shape}")
-      return new.at[tuple(slice(0, o) for o in old.shape)].set(jnp.asarray(old, new.dtype))
+      return ckpt.fit_loaded(new, loaded[path[1:]])
 
     out = jax.tree_util.tree_map_with_path(merge, fresh)  # fresh's structure (the trainer's shardings)
     if used != set(loaded):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -88,16 +87,7 @@ class Reat:
 
   def check_vocabulary(self) -> None:
     """A checkpoint's token ids mean its own SentencePiece pieces: refuse any other model."""
-    directory = ckpt.checkpoint_dir(self.pretrained)
-    spm = directory / "spiece.model"
-    if not spm.is_file():
-      log.warning("%s has no spiece.model: cannot check that the tasks' vocabulary is the checkpoint's", directory)
-      return
-    if not self.spm_model or pathlib.Path(self.spm_model).read_bytes() != spm.read_bytes():
-      raise ValueError(
-          f"the tasks' SentencePiece model ({self.spm_model or 'unknown'}) is not the checkpoint's {spm} "
-          f"(reat.Reat.pretrained): register the tasks with it, gin: "
-          f"text_vocabulary_options.spm_model = '{spm}'")
+    ckpt.check_tokenizer(self.pretrained, "spiece.model", self.spm_model, "reat.Reat.pretrained")
 
   def network(self, rngs: nnx.Rngs) -> s2s.T5EncoderDecoder:
     return s2s.T5EncoderDecoder(self.config(), rngs=rngs)
@@ -108,16 +98,7 @@ class Reat:
     fresh values); `fresh` itself without a checkpoint."""
     if not self.pretrained:
       return fresh
-    loaded = _checkpoint(str(self.pretrained))[1]
-
-    def merge(new, old):
-      if new.shape == old.shape:
-        return jnp.asarray(old, new.dtype)
-      if new.ndim != old.ndim or any(o > n for o, n in zip(old.shape, new.shape)):
-        raise ValueError(f"checkpoint parameter of shape {old.shape} does not fit {new.shape}")
-      return new.at[tuple(slice(0, o) for o in old.shape)].set(jnp.asarray(old, new.dtype))
-
-    return jax.tree.map(merge, fresh, loaded)
+    return jax.tree.map(ckpt.fit_loaded, fresh, _checkpoint(str(self.pretrained))[1])
 
   # -- data ----------------------------------------------------------------------------
 

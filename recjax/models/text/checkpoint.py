@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pathlib
 from typing import Callable
 
@@ -109,3 +110,29 @@ def fingerprint(files, extra: dict) -> str:
   for path in files:
     h.update(f"{path.name}:{file_digest(path)}\n".encode())
   return h.hexdigest()
+
+
+def check_tokenizer(path, file_name: str, spm_model: str, binding: str) -> None:
+  """A checkpoint's token ids mean its own SentencePiece pieces (`file_name` in its
+  directory): refuse tasks tokenized with any other model. `binding` names the gin binding
+  that chose the checkpoint, for the error."""
+  directory = checkpoint_dir(path)
+  spm = directory / file_name
+  if not spm.is_file():
+    logging.getLogger("recjax.checkpoint").warning(
+        "%s has no %s: cannot check that the tasks' vocabulary is the checkpoint's", directory, file_name)
+    return
+  if not spm_model or pathlib.Path(spm_model).read_bytes() != spm.read_bytes():
+    raise ValueError(
+        f"the tasks' SentencePiece model ({spm_model or 'unknown'}) is not the checkpoint's {spm} "
+        f"({binding}): register the tasks with it, gin: text_vocabulary_options.spm_model = '{spm}'")
+
+
+def fit_loaded(new, old):
+  """A checkpoint array `old` in the place of the fresh `new`: equal shapes take `old`; a
+  larger `new` (a vocabulary grown past the checkpoint's) keeps its fresh values beyond."""
+  if new.shape == old.shape:
+    return jnp.asarray(old, new.dtype)
+  if new.ndim != old.ndim or any(o > n for o, n in zip(old.shape, new.shape)):
+    raise ValueError(f"checkpoint parameter of shape {old.shape} does not fit {new.shape}")
+  return new.at[tuple(slice(0, o) for o in old.shape)].set(jnp.asarray(old, new.dtype))
