@@ -144,8 +144,7 @@ def _item_titles(task_name: str) -> dict[int, str]:
   if data_dir is None:
     return {}
   from recjax.data.prepared import PreparedDataset
-  table = PreparedDataset(data_dir).items(["item_id", "title"]).to_pydict()
-  return {int(i): str(t) for i, t in zip(table["item_id"], table["title"])}
+  return PreparedDataset(data_dir).item_titles()
 
 
 def _infer_reat(model_factory, task_name, task_feature_lengths, model_dir, mesh, rules, *, split, top_k,

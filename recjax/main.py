@@ -397,8 +397,7 @@ def _item_titles(data_dir) -> dict[int, str]:
   if data_dir is None:
     return {}
   from recjax.data.prepared import PreparedDataset  # pylint: disable=g-import-not-at-top
-  table = PreparedDataset(data_dir).items(["item_id", "title"])
-  return {i: t or "" for i, t in zip(table.column("item_id").to_pylist(), table.column("title").to_pylist())}
+  return PreparedDataset(data_dir).item_titles()
 
 
 def _render_example(ex, features, titles: dict[int, str], max_items: int) -> str:
@@ -673,9 +672,10 @@ def _main_lumen(args, work: pathlib.Path) -> None:
   rows = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
   # A critique of the target comes after the last history item, right before the instruction.
   asked = [r for r in rows if "User:" in r["prompt"][r["prompt"].rfind("Item:"):]]
-  user = (asked or rows)[0]["user_id"]
-  print(f"\nuser {user} (test split), one conversation:")
-  gin_cli.run_entrypoint("infer", args, [*bindings, f"infer_lib.infer.user = {user}"])
+  record = (asked or rows)[0]
+  print(f"\nuser {record['user_id']} (test split), one conversation:")
+  from recjax.evaluation import text_generation  # pylint: disable=g-import-not-at-top
+  print(text_generation.conversation(record, _item_titles(work / "prepared" / "synthetic_regen")))
   items = next(m for k, m in result["results"].items() if k.endswith("/items"))
   print(f"LUMEN test items ({items['count']} users): Recall@10 {items['recall@10']:.4f}, "
         f"NDCG@10 {items['ndcg@10']:.4f}")

@@ -76,6 +76,11 @@ class PreparedDataset:
   def items(self, columns: Sequence[str] | None = None) -> pa.Table:
     return pq.read_table(self.data_dir / _prepare.ITEMS_FILE, columns=columns)
 
+  def item_titles(self) -> dict[int, str]:
+    """{item id: title} ("" where an item has none)."""
+    table = self.items(["item_id", "title"]).to_pydict()
+    return {int(i): t or "" for i, t in zip(table["item_id"], table["title"])}
+
   def sequences(self, columns: Sequence[str] | None = None) -> pa.Table:
     return pq.read_table(self.data_dir / _prepare.SEQUENCES_FILE, columns=columns)
 
