@@ -82,6 +82,54 @@ def test_eval_query_is_the_last_history_item_in_training_layout():
   np.testing.assert_allclose(model.queries(net, ev)[0], want, atol=1e-6)
 
 
+def _randomize_relative_bias(net):
+  table = net.relative_bias[...]
+  net.relative_bias[...] = jnp.asarray(np.random.default_rng(1).normal(size=table.shape), jnp.float32)
+
+
+@pytest.mark.parametrize("encoding", ["relative", "absolute"])
+def test_relative_positions_read_the_history_by_recency(encoding):
+  # The same history at positions 0.. and 3..: with relative positions only the distances
+  # matter, so the last item's state is the same (a right-aligned row and a packed one agree);
+  # absolute position embeddings tell the two apart.
+  model, net = _tiny(position_encoding=encoding)
+  if encoding == "relative":
+    assert net.positions is None and net.relative_bias[...].shape == (2, 8)
+    _randomize_relative_bias(net)
+  seg = jnp.array([[1, 1, 1, 0, 0, 0, 0, 0]])
+  h0 = model.hidden(net, {"inputs": jnp.array([[5, 6, 7, 0, 0, 0, 0, 0]]), "segment_ids": seg,
+                          "positions": jnp.array([[0, 1, 2, 0, 0, 0, 0, 0]])}, deterministic=True)
+  h3 = model.hidden(net, {"inputs": jnp.array([[5, 6, 7, 0, 0, 0, 0, 0]]), "segment_ids": seg,
+                          "positions": jnp.array([[3, 4, 5, 0, 0, 0, 0, 0]])}, deterministic=True)
+  gap = float(jnp.abs(h0[0, :3] - h3[0, :3]).max())
+  assert (gap < 1e-5) if encoding == "relative" else (gap > 1e-3)
+
+
+def test_relative_bias_is_looked_up_by_distance():
+  from recjax.models import layers
+  table = jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4)  # heads 2, distances 0..3
+  pos = jnp.array([[0, 1, 2, 3, 4, 0]])
+  bias = layers.relative_position_bias(table, pos, causal=True)
+  assert bias.shape == (1, 2, 6, 6)
+  assert float(bias[0, 1, 4, 1]) == table[1, 3]  # distance 3
+  assert float(bias[0, 0, 4, 0]) == table[0, 3]  # distance 4 clipped to the last entry
+  assert float(bias[0, 1, 2, 2]) == table[1, 0]
+  sym = jnp.arange(2 * 7, dtype=jnp.float32).reshape(2, 7)  # signed -3..3
+  bias = layers.relative_position_bias(sym, pos, causal=False)
+  assert float(bias[0, 0, 1, 3]) == sym[0, 1] and float(bias[0, 0, 3, 1]) == sym[0, 5]
+
+
+def test_relative_sasrec_trains_and_unknown_encoding_is_refused():
+  model, net = _tiny(position_encoding="relative")
+  rows = _convert([[5, 6, 7, 8, 9], [10, 11, 12]], length=8, pack=True)
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+  grads = nnx.grad(lambda n: model.loss_fn(n, batch, None)[0])(net)
+  assert float(jnp.abs(grads.relative_bias[...]).sum()) > 0
+  from recjax.models import sasrec
+  with pytest.raises(ValueError, match="position_encoding"):
+    sasrec.SASRec(vocab_size=40, position_encoding="rotary")
+
+
 def test_bidirectional_sasrec_is_refused():
   from recjax.models import sasrec
   with pytest.raises(ValueError, match="causal=True"):

@@ -1,7 +1,8 @@
 """Bert4Rec over packed item sequences (Sun et al. 2019), as a recjax model.
 
 The network: item embedding + per-segment position embedding -> LayerNorm -> N post-LN
-transformer blocks with segment-aware attention -> at the prediction positions, a BERT
+transformer blocks with segment-aware attention (`position_encoding='relative'`: no position
+embedding, a learned per-head bias by query-minus-key distance instead) -> at the prediction positions, a BERT
 MLM transform (dense + GELU + LayerNorm) -> scores against the item table (tied to the
 input embedding, or a separate output table) plus a per-item bias. PAD and MASK are never
 scored.
@@ -37,13 +38,19 @@ def compute_dtype(name: str):
 class Bert4RecNetwork(nnx.Module):
   def __init__(self, *, vocab_size: int, max_length: int, dim: int, num_layers: int, num_heads: int,
                mlp_dim: int, dropout: float, attention_dropout: float, tie_embeddings: bool,
-               dtype, rngs: nnx.Rngs, causal: bool = False):
+               dtype, rngs: nnx.Rngs, causal: bool = False, position_encoding: str = "absolute"):
     init = nnx.initializers.truncated_normal(0.02)
     # The item table is the largest tensor: 'item' maps to the `model` mesh axis.
     self.items = nnx.Embed(vocab_size, dim, dtype=dtype, param_dtype=jnp.float32,
                            embedding_init=layers.param_init(init, "item", "embed"), rngs=rngs)
     self.positions = nnx.Embed(max_length, dim, dtype=dtype, param_dtype=jnp.float32,
-                               embedding_init=layers.param_init(init, None, "embed"), rngs=rngs)
+                               embedding_init=layers.param_init(init, None, "embed"), rngs=rngs
+                               ) if position_encoding in ("absolute", "both") else None
+    # One learned bias per head and query-minus-key distance, shared by every layer: the
+    # query sees its history by recency, as in a right-aligned row, wherever it sits.
+    self.relative_bias = nnx.Param(layers.param_init(nnx.initializers.zeros_init(), "heads", None)(
+        rngs.params(), (num_heads, max_length if causal else 2 * max_length - 1), jnp.float32)
+    ) if position_encoding in ("relative", "both") else None
     self.norm = layers.layer_norm(dim, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
     self.blocks = nnx.List([
@@ -65,15 +72,17 @@ class Bert4RecNetwork(nnx.Module):
     read through it (a train step that differentiates gathered rows, base.ItemRows)."""
     items = self.items(inputs) if item_rows is None else (
         item_rows.take("items", self.items.embedding[...], inputs).astype(self.dtype))
-    x = items + self.positions(positions)
+    x = items if self.positions is None else items + self.positions(positions)
     if extra is not None:
       x = x + extra
     x = self.dropout(self.norm(x), deterministic=deterministic, rngs=rngs).astype(self.dtype)
     # causal=True is the "without bidirectional attention" ablation: a position sees only
     # its own segment's past, so the model reads the history left to right.
     mask = layers.segment_mask(segment_ids, causal=self.causal)
+    bias = None if self.relative_bias is None else layers.relative_position_bias(
+        self.relative_bias[...], positions, causal=self.causal)
     for block in self.blocks:
-      x = block(x, mask, deterministic=deterministic, rngs=rngs)
+      x = block(x, mask, deterministic=deterministic, rngs=rngs, bias=bias)
     return x
 
   def query(self, hidden):
@@ -113,6 +122,10 @@ class Bert4Rec:
   mask_prob: float = 0.15  # cloze masking rate of the training converter
   last_item_prob: float = 0.1  # fraction of training sequences with only the last item masked
   causal: bool = False  # True: left-to-right attention (ablation of bidirectional attention)
+  # "absolute": a learned embedding of the position in the sequence, added to the input;
+  # "relative": a learned per-head attention bias by query-minus-key distance instead (a
+  # causal query then reads its history by recency, wherever it sits in the row); "both".
+  position_encoding: str = "absolute"
   # The training loss's output layer (recjax/models/losses.py): "full" ([P, V] logits),
   # "chunked" (exact, streamed over loss_chunk items), "sampled" (log-Q corrected, over
   # num_negatives ids drawn by `negatives` plus in_batch_negatives of the step's targets);
@@ -137,6 +150,9 @@ class Bert4Rec:
       raise ValueError(f"{type(self).__name__}.negatives must be one of {losses.SAMPLERS}, got {self.negatives!r}")
     if self.train_loss == "sampled" and self.num_negatives + self.in_batch_negatives == 0:
       raise ValueError(f"{type(self).__name__}.loss='sampled' needs num_negatives > 0 or in_batch_negatives > 0")
+    if self.position_encoding not in ("absolute", "relative", "both"):
+      raise ValueError(f"{type(self).__name__}.position_encoding must be 'absolute', 'relative' or 'both', "
+                       f"got {self.position_encoding!r}")
     if not 0.0 <= self.popularity_mix <= 1.0:
       raise ValueError(f"{type(self).__name__}.popularity_mix must be in [0, 1], got {self.popularity_mix}")
 
@@ -176,7 +192,8 @@ class Bert4Rec:
     return dict(vocab_size=self.padded_vocab_size, max_length=self.max_length, dim=self.dim,
                 num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                 dropout=self.dropout, attention_dropout=self.attention_dropout,
-                tie_embeddings=self.tie_embeddings, dtype=compute_dtype(self.dtype), causal=self.causal)
+                tie_embeddings=self.tie_embeddings, dtype=compute_dtype(self.dtype), causal=self.causal,
+                position_encoding=self.position_encoding)
 
   def network(self, rngs: nnx.Rngs) -> Bert4RecNetwork:
     return Bert4RecNetwork(**self.network_kwargs(), rngs=rngs)

@@ -49,6 +49,23 @@ def segment_mask(q_segments: jax.Array, kv_segments: jax.Array | None = None,
   return mask[:, None]
 
 
+def relative_position_bias(table: jax.Array, positions: jax.Array, *, causal: bool) -> jax.Array:
+  """[B, heads, L, L] float32 attention bias looked up by query-minus-key position.
+
+  `table` [heads, R]: causal, R = max_length (distances 0 .. R-1, the past only); else
+  R = 2 * max_length - 1 (signed distances, index d + max_length - 1). Distances past the
+  table share its last entry. `positions` are per-segment, so packed rows are exact.
+  """
+  heads, r = table.shape
+  d = positions[:, :, None] - positions[:, None, :]
+  if causal:
+    idx = jnp.clip(d, 0, r - 1)
+  else:
+    half = (r - 1) // 2
+    idx = jnp.clip(d, -half, half) + half
+  return jnp.moveaxis(table.astype(jnp.float32)[:, idx], 0, 1)
+
+
 class MultiHeadAttention(nnx.Module):
   """Multi-head attention with a boolean mask; softmax statistics in float32."""
 
@@ -65,12 +82,15 @@ class MultiHeadAttention(nnx.Module):
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x: jax.Array, mask: jax.Array, kv: jax.Array | None = None, *,
-               deterministic: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
+               deterministic: bool, rngs: nnx.Rngs | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """`bias`: float32 [B, heads, Lq, Lk] added to the logits (relative positions)."""
     kv = x if kv is None else kv
     b, lq, _ = x.shape
     split = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
     q, k, v = split(self.query(x)), split(self.key(kv)), split(self.value(kv))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
+    if bias is not None:
+      logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     # Fully masked rows (padding queries) would average garbage; zero them instead.
@@ -103,8 +123,8 @@ class TransformerBlock(nnx.Module):
     self.dropout = nnx.Dropout(dropout)
     self.dtype = dtype
 
-  def __call__(self, x, mask, *, deterministic: bool, rngs: nnx.Rngs | None = None):
-    h = self.attention(x, mask, deterministic=deterministic, rngs=rngs)
+  def __call__(self, x, mask, *, deterministic: bool, rngs: nnx.Rngs | None = None, bias=None):
+    h = self.attention(x, mask, deterministic=deterministic, rngs=rngs, bias=bias)
     x = self.norm1(x + self.dropout(h, deterministic=deterministic, rngs=rngs)).astype(self.dtype)
     h = self.mlp(x, deterministic=deterministic, rngs=rngs)
     return self.norm2(x + self.dropout(h, deterministic=deterministic, rngs=rngs)).astype(self.dtype)
