@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--num_negatives", type=int, default=1024, help="negatives of the sampled loss")
   q.add_argument("--isolate", action="store_true", help="each catalog point in a fresh process (peak RSS)")
   q.add_argument("--steps", type=int, default=5, help="timed steps per point (the median is reported)")
+  q.add_argument("--results", help="also append the points to this JSON-lines file")
+  q.add_argument("--plot", help="write the catalogue sweep (step time, peak RSS per loss and update) "
+                 "to this PNG; with --results, every point in that file")
   q.set_defaults(func=cmd_bench_scale)
   q = bench_sub.add_parser("all", help="every benchmark in turn (JSON lines in --results), then the report",
                            description="Runs pipeline, step (packed/padded), ranking, scale and train (recjax "
@@ -483,12 +486,21 @@ def cmd_bench_train(args) -> None:
 
 
 def cmd_bench_scale(args) -> None:
+  import json  # pylint: disable=g-import-not-at-top
   from recjax.bench import scale  # pylint: disable=g-import-not-at-top
-  scale.run(vocab_sizes=[int(x) for x in args.items.split(",")],
-            device_counts=[int(x) for x in args.devices.split(",") if x],
-            device_vocab_size=args.device_items, model=args.model, batch_size=args.batch_size,
-            losses=args.losses.split(","), optimizers=args.optimizers.split(","), isolate=args.isolate,
-            num_negatives=args.num_negatives, steps=args.steps)
+  rows = scale.run(vocab_sizes=[int(x) for x in args.items.split(",") if x],
+                   device_counts=[int(x) for x in args.devices.split(",") if x],
+                   device_vocab_size=args.device_items, model=args.model, batch_size=args.batch_size,
+                   losses=args.losses.split(","), optimizers=args.optimizers.split(","), isolate=args.isolate,
+                   num_negatives=args.num_negatives, steps=args.steps)
+  if args.results:
+    path = pathlib.Path(args.results)
+    with path.open("a") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  if args.plot:
+    scale.plot([r for r in rows if r.get("model") == args.model], args.plot)
+    print(f"plot: {args.plot}")
 
 
 def cmd_bench_all(args) -> None:

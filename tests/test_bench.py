@@ -63,7 +63,7 @@ def test_scale_point_shards_the_item_table():
   assert one["step_s"] > 0 and one["temp_mib_per_device"] > 0
 
 
-def test_scale_variants_losses_and_sparse_updates():
+def test_scale_variants_losses_and_sparse_updates(tmp_path):
   from recjax.bench import scale
   # Every loss with the dense update, and the sampled loss with the sparse one (4 compiles, not 6).
   shape = dict(vocab_sizes=(3000,), device_counts=(), batch_size=4, steps=1, length=10, dim=8, num_negatives=64,
@@ -75,6 +75,8 @@ def test_scale_variants_losses_and_sparse_updates():
   assert got[("sampled", "dense")]["num_negatives"] == 64 and got[("full", "dense")]["num_negatives"] == 0
   # The chunked loss never holds the [positions x catalogue] logits.
   assert got[("chunked", "dense")]["temp_mib_per_device"] < got[("full", "dense")]["temp_mib_per_device"]
+  scale.plot(rows, tmp_path / "scale.png")  # one line per (loss, update)
+  assert (tmp_path / "scale.png").stat().st_size > 1000
 
 
 def test_report_writes_tables_and_figures(train_rows, tmp_path):

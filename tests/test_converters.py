@@ -176,6 +176,28 @@ def test_masks_deterministic_per_example_and_epoch(tasks):
   assert conv.epoch == 0 and conv.with_epoch(3).epoch == 3
 
 
+def test_prefix_examples(tasks):
+  # prefixes=True: every prefix of 2..n items of each (trimmed) sequence is an example; with
+  # last_item_prob=1 its last item is the one masked, the evaluation layout.
+  name, seqs = tasks["crit"]
+  conv = converters.ItemSequencePackingConverter(pack=True, last_item_prob=1.0, prefixes=True, seed=1)
+  b = stack(convert(name, conv))
+  owner = owner_of(seqs)
+  got = []
+  for r, _, cols in segments(b):
+    toks = b["targets"][r, cols]
+    np.testing.assert_array_equal(b["positions"][r, cols], np.arange(len(cols)))
+    np.testing.assert_array_equal(b["weights"][r, cols], [0] * (len(cols) - 1) + [1])  # the last one
+    assert b["inputs"][r, cols[-1]] == MASK_ID and (b["inputs"][r, cols[:-1]] == toks[:-1]).all()
+    np.testing.assert_array_equal(b["critiques"][r, cols], critique_of(toks))
+    i, p = owner[int(toks[-1])]
+    np.testing.assert_array_equal(toks, seqs[i][max(len(seqs[i]) - L, 0):p + 1])  # from the kept start
+    got.append((i, p))
+  # Each item past the first of the kept (most recent L) items ends exactly one example.
+  want = [(i, p) for i, s in enumerate(seqs) for p in range(max(len(s) - L, 0) + 1, len(s))]
+  assert sorted(got) == sorted(want)
+
+
 def test_padded_layout(tasks):
   name, seqs = tasks["short"]
   rows = convert(name, converters.ItemSequencePackingConverter(pack=False))

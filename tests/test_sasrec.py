@@ -105,6 +105,23 @@ def test_relative_positions_read_the_history_by_recency(encoding):
   assert (gap < 1e-5) if encoding == "relative" else (gap > 1e-3)
 
 
+def test_inverse_positions_count_back_from_the_newest_item():
+  # Training rows: positions count back from each segment's last input; evaluation rows
+  # (history + MASK): from the last history item, so the query embeds the same position.
+  model, net = _tiny(position_encoding="inverse")
+  train = {"inputs": jnp.array([[5, 6, 7, 20, 21, 0]]), "segment_ids": jnp.array([[1, 1, 1, 2, 2, 0]]),
+           "positions": jnp.array([[0, 1, 2, 0, 1, 0]])}
+  np.testing.assert_array_equal(model.positions(train), [[2, 1, 0, 1, 0, 0]])
+  ev = {"inputs": jnp.array([[5, 6, 7, 1, 0, 0]]), "segment_ids": jnp.array([[1, 1, 1, 1, 0, 0]]),
+        "positions": jnp.array([[0, 1, 2, 3, 0, 0]]), "mask_position": jnp.array([3])}
+  np.testing.assert_array_equal(model.positions(ev), [[2, 1, 0, 0, 0, 0]])
+  want = net.query(model.hidden(net, train, deterministic=True)[0, 2])
+  np.testing.assert_allclose(model.queries(net, ev)[0], want, atol=1e-6)
+  from recjax.models import bert4rec
+  cloze = bert4rec.Bert4Rec(vocab_size=40, max_length=8, position_encoding="inverse")
+  np.testing.assert_array_equal(cloze.positions(ev), [[3, 2, 1, 0, 0, 0]])  # the MASK is the query
+
+
 def test_relative_bias_is_looked_up_by_distance():
   from recjax.models import layers
   table = jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4)  # heads 2, distances 0..3

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pathlib
 import resource
 import statistics
 import subprocess
@@ -152,6 +153,35 @@ def run(*, vocab_sizes=(12_101, 100_000, 376_000, 1_000_000), device_counts=(1, 
                                    steps=steps, **shape), sweep="devices"))
     print(json.dumps(rows[-1]), flush=True)
   return rows
+
+
+def plot(rows: list[dict], path) -> None:
+  """Step time and peak memory against the catalogue, one line per (loss, item update):
+  the catalogue sweep of `run` as a figure (docs/performance.md)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  cat = [r for r in rows if r.get("sweep", "catalog") == "catalog"]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for key in dict.fromkeys((r["loss"], r["optimizer"]) for r in cat):
+    pts = sorted((r for r in cat if (r["loss"], r["optimizer"]) == key), key=lambda r: r["vocab_size"])
+    xs = [r["vocab_size"] for r in pts]
+    label = f"{key[0]} softmax, {key[1]} update"
+    axes[0].plot(xs, [r["step_s"] for r in pts], marker="o", label=label)
+    axes[1].plot(xs, [r["peak_rss_mib"] / 1024 for r in pts], marker="o", label=label)
+  axes[0].set_ylabel("step seconds (median)")
+  axes[1].set_ylabel("peak RSS GiB (process)")
+  model = cat[0]["model"] if cat else ""
+  for ax in axes:
+    ax.set_xscale("log")
+    ax.set_xlabel(f"catalogue items ({model}, {cat[0]['batch_size'] if cat else 0} packed rows)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

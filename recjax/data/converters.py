@@ -350,13 +350,33 @@ class _ItemSequenceConverter(seqio.FeatureConverter):
         if k in batch:
           out[k] = tf.cast(batch[k], tf.int64)
       nonempty = out["items"].row_lengths() > 0
-      return {k: tf.ragged.boolean_mask(v, nonempty) for k, v in out.items()}
+      out = {k: tf.ragged.boolean_mask(v, nonempty) for k, v in out.items()}
+      return self._expand_prefixes(out, length) if getattr(self, "prefixes", False) else out
 
     convert = _plain(lambda batch: _static_rows(self._convert_batch(prepare(batch), length), length))
     return ds.map(convert, num_parallel_calls=_AUTOTUNE).unbatch()
 
   def _convert_batch(self, batch: dict[str, tf.Tensor], length: int) -> dict[str, tf.Tensor]:
     raise NotImplementedError
+
+  def _expand_prefixes(self, batch, length):
+    """Every prefix of 2..n items of each (trimmed) sequence as its own example, the id
+    made unique as id * (L + 1) + prefix length; an example's epoch is its prefixes'."""
+    items = batch["items"]
+    n = items.row_lengths()
+    k = tf.ragged.range(2, n + 1)  # prefix lengths per sequence
+    row = tf.repeat(tf.range(tf.shape(n, out_type=tf.int64)[0]), k.row_lengths())
+    k = k.flat_values
+    starts = tf.gather(items.row_splits, row)
+    idx = tf.ragged.range(starts, starts + k).flat_values
+    out = {key: tf.RaggedTensor.from_row_lengths(tf.gather(batch[key].flat_values, idx), k)
+           for key in ("items", "critiques") if key in batch}
+    eid = self._example_id_key
+    if eid in batch:
+      out[eid] = tf.gather(batch[eid], row) * (length + 1) + k
+    if "epoch" in batch:
+      out["epoch"] = tf.gather(batch["epoch"], row)
+    return out
 
   def get_model_feature_lengths(self, task_feature_lengths):
     length = task_feature_lengths["items"]
@@ -405,11 +425,15 @@ class ItemSequencePackingConverter(_ItemSequenceConverter):
       epoch: int = 0,
       window: int = 1024,
       example_id_key: str = "example_id",
+      prefixes: bool = False,
   ):
     """Args:
       pack: pack several examples per row; False pads one example per row.
       mask_prob: per-position masking probability.
       last_item_prob: fraction of examples with only the last item masked.
+      prefixes: train on every prefix (2..n items) of each sequence as its own example
+        (the protocol of SASRec-family repositories such as BSARec); with
+        last_item_prob=1 each is the history + MASK layout of evaluation.
       seed: masking seed.
       epoch: the epoch whose masks to draw (see `with_epoch`).
       window: examples converted (and packed, first fit) together.
@@ -422,6 +446,7 @@ class ItemSequencePackingConverter(_ItemSequenceConverter):
     super().__init__(pack=pack, window=window, example_id_key=example_id_key)
     self.mask_prob = float(mask_prob)
     self.last_item_prob = float(last_item_prob)
+    self.prefixes = bool(prefixes)
     self.seed = int(seed)
     self.epoch = int(epoch)
     self._rows_only = False
@@ -434,7 +459,7 @@ class ItemSequencePackingConverter(_ItemSequenceConverter):
 
   def __repr__(self):
     return (f"{type(self).__name__}{'[rows]' if self._rows_only else ''}(pack={self.pack}, mask_prob={self.mask_prob}, "
-            f"last_item_prob={self.last_item_prob}, seed={self.seed}, epoch={self.epoch})")
+            f"last_item_prob={self.last_item_prob}, prefixes={self.prefixes}, seed={self.seed}, epoch={self.epoch})")
 
   def epoch_invariant_rows(self) -> tuple["ItemSequencePackingConverter", Callable]:
     """(rows converter, mask_rows): what recjax.data.pipeline needs to pack once.

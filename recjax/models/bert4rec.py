@@ -25,7 +25,8 @@ from recjax.models import base
 from recjax.models import layers
 from recjax.models import losses
 
-PAD_ID, MASK_ID, NUM_RESERVED = 0, 1, 2  # fixed by every prepared dataset (docs/data.md)
+PAD_ID, MASK_ID, NUM_RESERVED = 0, 1, 2
+POSITION_ENCODINGS = ("absolute", "inverse", "relative", "both")  # fixed by every prepared dataset (docs/data.md)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -121,10 +122,16 @@ class Bert4Rec:
   vocab_multiple: int = 128  # item table rows padded so it splits evenly over any mesh axis
   mask_prob: float = 0.15  # cloze masking rate of the training converter
   last_item_prob: float = 0.1  # fraction of training sequences with only the last item masked
+  # Train on every prefix of each sequence as its own example (with last_item_prob=1: each
+  # prefix's last item masked, the evaluation layout), as BSARec-style repositories do.
+  prefixes: bool = False
   causal: bool = False  # True: left-to-right attention (ablation of bidirectional attention)
   # "absolute": a learned embedding of the position in the sequence, added to the input;
-  # "relative": a learned per-head attention bias by query-minus-key distance instead (a
-  # causal query then reads its history by recency, wherever it sits in the row); "both".
+  # "inverse": the same embedding indexed by the distance to the sequence's last item (the
+  # last history item at evaluation), so the newest item always has the same embedding, as
+  # in a left-padded SASRec row; "relative": no embedding, a learned per-head attention bias
+  # by query-minus-key distance (every causal query reads its history by recency); "both":
+  # absolute + relative.
   position_encoding: str = "absolute"
   # The training loss's output layer (recjax/models/losses.py): "full" ([P, V] logits),
   # "chunked" (exact, streamed over loss_chunk items), "sampled" (log-Q corrected, over
@@ -150,8 +157,8 @@ class Bert4Rec:
       raise ValueError(f"{type(self).__name__}.negatives must be one of {losses.SAMPLERS}, got {self.negatives!r}")
     if self.train_loss == "sampled" and self.num_negatives + self.in_batch_negatives == 0:
       raise ValueError(f"{type(self).__name__}.loss='sampled' needs num_negatives > 0 or in_batch_negatives > 0")
-    if self.position_encoding not in ("absolute", "relative", "both"):
-      raise ValueError(f"{type(self).__name__}.position_encoding must be 'absolute', 'relative' or 'both', "
+    if self.position_encoding not in POSITION_ENCODINGS:
+      raise ValueError(f"{type(self).__name__}.position_encoding must be one of {POSITION_ENCODINGS}, "
                        f"got {self.position_encoding!r}")
     if not 0.0 <= self.popularity_mix <= 1.0:
       raise ValueError(f"{type(self).__name__}.popularity_mix must be in [0, 1], got {self.popularity_mix}")
@@ -193,21 +200,39 @@ class Bert4Rec:
                 num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                 dropout=self.dropout, attention_dropout=self.attention_dropout,
                 tie_embeddings=self.tie_embeddings, dtype=compute_dtype(self.dtype), causal=self.causal,
-                position_encoding=self.position_encoding)
+                position_encoding="absolute" if self.position_encoding == "inverse" else self.position_encoding)
 
   def network(self, rngs: nnx.Rngs) -> Bert4RecNetwork:
     return Bert4RecNetwork(**self.network_kwargs(), rngs=rngs)
 
   def hidden(self, net: Bert4RecNetwork, batch, *, deterministic: bool, rngs=None):
     """Hidden states [B, L, D] of a batch (subclasses add inputs beside the item ids)."""
-    return net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
+    return net.encode(batch["inputs"], batch["segment_ids"], self.positions(batch),
                       deterministic=deterministic, rngs=rngs, item_rows=batch.get("item_rows"))
+
+  # Where the query sits relative to its segment's last token in evaluation batches: 0 for
+  # cloze models (the MASK is the query); SASRec+ reads the item before the MASK (1).
+  EVAL_QUERY_OFFSET = 0
+
+  def positions(self, batch):
+    """The position ids the network embeds: the converter's per-segment positions, or
+    with position_encoding="inverse" the distance to the segment's last token (minus
+    EVAL_QUERY_OFFSET in evaluation batches, which carry "mask_position")."""
+    pos = batch["positions"]
+    if self.position_encoding != "inverse":
+      return pos
+    seg = batch["segment_ids"]
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+    last = jnp.max(jnp.where(same, pos[:, None, :], 0), axis=-1)
+    if "mask_position" in batch:
+      last = last - self.EVAL_QUERY_OFFSET
+    return jnp.clip(last - pos, 0, self.max_length - 1)
 
   def feature_converter(self, pack: bool = True, seed: int = 0):
     """The training converter: cloze masking (seeded per example and epoch) + packing."""
     from recjax.data.converters import ItemSequencePackingConverter
     return ItemSequencePackingConverter(pack=pack, mask_prob=self.mask_prob,
-                                        last_item_prob=self.last_item_prob, seed=seed)
+                                        last_item_prob=self.last_item_prob, seed=seed, prefixes=self.prefixes)
 
   def eval_feature_converter(self):
     """Eval: history + [MASK], unpacked, the held-out item as the target."""

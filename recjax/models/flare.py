@@ -323,7 +323,7 @@ class Flare(bert4rec.Bert4Rec):
 
   def hidden(self, net, batch, *, deterministic: bool, rngs=None):
     context = self._context(net, batch, deterministic=deterministic, rngs=rngs)
-    return net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
+    return net.encode(batch["inputs"], batch["segment_ids"], self.positions(batch),
                       deterministic=deterministic, rngs=rngs, extra=context, item_rows=batch.get("item_rows"))
 
   def item_ids(self, batch, rng):
@@ -338,7 +338,7 @@ class Flare(bert4rec.Bert4Rec):
     deterministic = rng is None
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
     context = self._context(net, batch, deterministic=deterministic, rngs=rngs)
-    hidden = net.encode(batch["inputs"], batch["segment_ids"], batch["positions"],
+    hidden = net.encode(batch["inputs"], batch["segment_ids"], self.positions(batch),
                         deterministic=deterministic, rngs=rngs, extra=context, item_rows=batch.get("item_rows"))
     # A sampled loss draws its negatives from a stream of its own.
     neg_rng = None if deterministic else _negatives_rng(rng)

@@ -33,6 +33,7 @@ from recjax.models import bert4rec
 class SASRec(bert4rec.Bert4Rec):
   causal: bool = True
   max_predictions_fraction: float = 1.0  # every non-padding position is a target
+  EVAL_QUERY_OFFSET = 1  # the query is the last history item, the MASK after it is never read
 
   def __post_init__(self):
     if not self.causal:
