@@ -25,8 +25,8 @@ from recjax.models import base
 from recjax.models import layers
 from recjax.models import losses
 
-PAD_ID, MASK_ID, NUM_RESERVED = 0, 1, 2
-POSITION_ENCODINGS = ("absolute", "inverse", "relative", "both")  # fixed by every prepared dataset (docs/data.md)
+PAD_ID, MASK_ID, NUM_RESERVED = 0, 1, 2  # fixed by every prepared dataset (docs/data.md)
+POSITION_ENCODINGS = ("absolute", "inverse", "relative", "both")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
