@@ -281,6 +281,7 @@ class _ItemSequenceConverter(seqio.FeatureConverter):
   # a call's actual specs come from `_model_features` (see __call__).
   MODEL_FEATURES: Mapping[str, FeatureSpec] = {}
   PACKING_FEATURE_DTYPES: Mapping[str, tf.dtypes.DType] = {}  # segment_ids/positions are model features
+  prefixes = False  # every prefix of a sequence as its own example (ItemSequencePackingConverter)
 
   def __init__(self, pack: bool, window: int, example_id_key: str):
     # Lengths hold by construction; seqio's per-example assertions would cost
@@ -351,7 +352,7 @@ class _ItemSequenceConverter(seqio.FeatureConverter):
           out[k] = tf.cast(batch[k], tf.int64)
       nonempty = out["items"].row_lengths() > 0
       out = {k: tf.ragged.boolean_mask(v, nonempty) for k, v in out.items()}
-      return self._expand_prefixes(out, length) if getattr(self, "prefixes", False) else out
+      return self._expand_prefixes(out, length) if self.prefixes else out
 
     convert = _plain(lambda batch: _static_rows(self._convert_batch(prepare(batch), length), length))
     return ds.map(convert, num_parallel_calls=_AUTOTUNE).unbatch()
