@@ -169,7 +169,8 @@ def plot(rows: list[dict], path) -> None:
     label = f"{key[0]} softmax, {key[1]} update"
     axes[0].plot(xs, [r["step_s"] for r in pts], marker="o", label=label)
     axes[1].plot(xs, [r["peak_rss_mib"] / 1024 for r in pts], marker="o", label=label)
-  axes[0].set_ylabel("step seconds (median)")
+  axes[0].set_ylabel("step seconds (median, log)")
+  axes[0].set_yscale("log")  # flat vs linear growth reads best on log-log
   axes[1].set_ylabel("peak RSS GiB (process)")
   model = cat[0]["model"] if cat else ""
   for ax in axes:
