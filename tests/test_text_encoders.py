@@ -105,6 +105,24 @@ def test_encode_is_independent_of_batching(tiny_t5, t5_ref):
   whole = tiny_t5.encode(t5_ref["ids"], t5_ref["mask"])
   split = tiny_t5.encode(t5_ref["ids"], t5_ref["mask"], batch_size=3)  # last batch padded
   np.testing.assert_allclose(split, whole, atol=1e-6)
+  assert not whole[np.asarray(t5_ref["mask"]) == 0].any()  # padded tokens are zero
+
+
+def test_encode_cuts_each_batch_to_its_longest_text(tiny_t5):
+  """Rows go shortest first, each batch only as wide as it needs (rounded up to 8 tokens),
+  and the states equal encoding everything at full width."""
+  strings = ["a", "zebra " * 30, "b c", "red mascara and a vanilla perfume " * 3, "", "d"]
+  ids, mask = tiny_t5.tokenize(strings, 40)
+  widths = []
+  forward = tiny_t5._forward
+  try:
+    tiny_t5._forward = lambda state, i, m: (widths.append(i.shape[1]), forward(state, i, m))[1]
+    states = tiny_t5.encode(ids, mask, batch_size=2)
+  finally:
+    tiny_t5._forward = forward
+  assert widths == [8, 8, 40]  # ("", "a"), ("d", "b c"), then the two long texts
+  full = np.asarray(forward(tiny_t5._state, ids, mask))
+  np.testing.assert_allclose(_valid(states, mask), _valid(full, mask), atol=1e-5)
 
 
 # --- T5 ------------------------------------------------------------------------------------
@@ -166,6 +184,41 @@ def test_cache_encodes_once_and_reloads_identical_arrays(tiny_t5, tmp_path):
   np.testing.assert_array_equal(again, states)
   np.testing.assert_array_equal(mask_again, mask)
   assert [p.name.startswith("text-") for p in tmp_path.iterdir()] == [True]  # no temporaries left
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_cache_build_resumes_after_a_kill(tiny_t5, tmp_path, monkeypatch):
+  """A build stopped after its last progress record starts there again, and the entry equals
+  one built in a single go."""
+  strings = [f"item {i} " + "word " * (i % 7) for i in range(40)]
+  whole, _ = cache.encode_strings_cached(tiny_t5, strings, 12, tmp_path / "one_go", batch_size=4)
+  monkeypatch.setattr(cache, "SAVE_EVERY_S", 0.0)  # record progress after every batch
+
+  class Dies(_Counting):
+    def encode(self, *args, on_batch, **kwargs):
+      def stop_after_three(done):
+        on_batch(done)
+        if done == 3:
+          raise _Killed
+      return super().encode(*args, on_batch=stop_after_three, **kwargs)
+
+  with pytest.raises(_Killed):
+    cache.encode_strings_cached(Dies(tiny_t5), strings, 12, tmp_path / "resumed", batch_size=4)
+  assert not list((tmp_path / "resumed").glob("text-*"))  # no entry from a partial build
+  skips = []
+
+  class Resumes(_Counting):
+    def encode(self, *args, skip, **kwargs):
+      skips.append(skip)
+      return super().encode(*args, skip=skip, **kwargs)
+
+  states, _ = cache.encode_strings_cached(Resumes(tiny_t5), strings, 12, tmp_path / "resumed", batch_size=4)
+  assert skips == [3]
+  np.testing.assert_array_equal(states, whole)
+  assert [p.name.startswith("text-") for p in (tmp_path / "resumed").iterdir()] == [True]
 
 
 def test_cache_key_changes_with_strings_length_and_dtype(tiny_t5, tmp_path):

@@ -640,3 +640,21 @@ def test_a_sparse_optimizer_checkpoint_evaluates(tsyn, tmp_path):
   out = recjax("evaluate", *run, dataset=tsyn)
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads((tmp_path / "eval_step_4.json").read_text())["results"]["test/model"]["count"] > 250
+
+
+def test_flare_catalogue_scale_experiment_trains_and_evaluates(tsyn, tmp_path):
+  """experiments/flare_clothing.gin (sampled softmax, lazy row Adam, frozen MiniLM text) on
+  a small dataset: the sparse path with the text tables trains, and full ranking evaluates."""
+  run = ["--gin_file=experiments/flare_clothing.gin", "--gin.MIXTURE_OR_TASK_NAME='tsyn_items'",
+         "--gin.TASK_FEATURE_LENGTHS={'items': 20}", "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=4",
+         "--gin.flare.Flare.max_length=20", "--gin.flare.Flare.num_negatives=32",
+         "--gin.flare.Flare.in_batch_negatives=8", "--gin.sparse.make_optimizer.max_rows=512",
+         f"--gin.flare.Flare.text_cache_dir='{tmp_path / 'cache'}'", f"--gin.MODEL_DIR={tmp_path / 'm'}",
+         "--gin.eval_lib.evaluate.splits=('test',)"]
+  out = recjax("train", *run, dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert list((tmp_path / "cache").glob("text-*/states.npy")), "the token states were cached"
+  out = recjax("evaluate", *run, dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  results = json.loads((tmp_path / "m" / "eval_step_4.json").read_text())["results"]
+  assert sorted(results) == ["test/model", "test/popularity"] and results["test/model"]["count"] > 250

@@ -70,34 +70,50 @@ class TextEncoder:
       raise ValueError(f"{self.name} has no tokenizer file; pass token ids to encode() instead")
     return self._tokenize(list(texts), max_length)
 
-  def _batches(self, fn, ids, mask, batch_size: int):
-    """Yields (start, stop, output) over fixed-size batches; the next batch is dispatched
-    before the previous one is fetched, so host work overlaps the device."""
+  def _batches(self, fn, ids, mask, batch_size: int, skip: int = 0):
+    """Yields (rows, output) over batches of `batch_size` rows, shortest texts first, each
+    cut to its longest text rounded up to 8 tokens: trailing padding changes no real token's
+    state, so a short text costs its own length, not `max_length` (at most T / 8 shapes
+    compile). `skip` batches of that fixed order are left out (a resumed build). The next
+    batch is dispatched before the previous one is fetched, so host work overlaps the device."""
     n = len(ids)
-    rows = max(1, min(batch_size, n))
+    size = max(1, min(batch_size, n))
+    lengths = mask.sum(1)
+    order = np.argsort(lengths, kind="stable")
     pending = None
-    for start in range(0, n, rows):
-      stop = min(start + rows, n)
-      pad = rows - (stop - start)  # the last batch is padded so its shape is compiled already
-      b_ids = np.pad(ids[start:stop], ((0, pad), (0, 0)))
-      b_mask = np.pad(mask[start:stop], ((0, pad), (0, 0)))
+    for start in range(skip * size, n, size):
+      rows = order[start:start + size]
+      width = min(ids.shape[1], max(1, -(-int(lengths[rows].max()) // 8) * 8))
+      pad = size - len(rows)  # the last batch is padded so its shape is compiled already
+      b_ids = np.pad(ids[rows, :width], ((0, pad), (0, 0)))
+      b_mask = np.pad(mask[rows, :width], ((0, pad), (0, 0)))
       out = fn(self._state, jnp.asarray(b_ids, jnp.int32), jnp.asarray(b_mask, jnp.int32))
       if pending is not None:
-        yield pending[0], pending[1], np.asarray(pending[2])[:pending[1] - pending[0]]
-      pending = (start, stop, out)
+        yield pending[0], np.asarray(pending[1])[:len(pending[0])]
+      pending = (rows, out)
     if pending is not None:
-      yield pending[0], pending[1], np.asarray(pending[2])[:pending[1] - pending[0]]
+      yield pending[0], np.asarray(pending[1])[:len(pending[0])]
 
   def encode(self, ids: np.ndarray, mask: np.ndarray, *, batch_size: int = 256,
-             out: np.ndarray | None = None) -> np.ndarray:
-    """Last hidden states, float32 [N, T, dim] (or written into `out`, cast to its dtype)."""
+             out: np.ndarray | None = None, skip: int = 0, on_batch=None) -> np.ndarray:
+    """Last hidden states, float32 [N, T, dim], zero at padded tokens (or written into `out`,
+    cast to its dtype). `skip` / `on_batch(batches_done)` resume and checkpoint a long
+    build (`recjax.models.text.cache`): batches are a fixed order of the rows."""
     ids, mask = np.asarray(ids), np.asarray(mask)
     if ids.shape != mask.shape or ids.ndim != 2:
       raise ValueError(f"ids and mask must both be [N, T], got {ids.shape} and {mask.shape}")
     if out is None:
       out = np.zeros((*ids.shape, self.dim), np.float32)
-    for start, stop, states in self._batches(self._forward, ids, mask, batch_size):
-      out[start:stop] = states
+    done = skip
+    for rows, states in self._batches(self._forward, ids, mask, batch_size, skip):
+      width = states.shape[1]
+      states = np.where(mask[rows, :width, None] > 0, states, 0)
+      if width < ids.shape[1]:
+        states = np.pad(states, ((0, 0), (0, ids.shape[1] - width), (0, 0)))
+      out[np.sort(rows)] = states[np.argsort(rows)]  # ascending rows: sequential writes to a memmap
+      done += 1
+      if on_batch is not None:
+        on_batch(done)
     return out
 
   def embed_sentences(self, texts: Sequence[str], *, max_length: int | None = None,
@@ -105,13 +121,9 @@ class TextEncoder:
     """float32 [N, dim]: mask-weighted mean of the token states (L2-normalised when the
     checkpoint's sentence-transformers pipeline normalises, e.g. MiniLM)."""
     ids, mask = self.tokenize(texts, max_length or self.default_max_length)
-    # Trailing all-padding columns do not change the real tokens' states: drop them.
-    width = max(1, int(mask.sum(1).max(initial=1)))
-    width = min(ids.shape[1], -(-width // 8) * 8)
-    ids, mask = ids[:, :width], mask[:, :width]
     out = np.zeros((len(ids), self.dim), np.float32)
-    for start, stop, vectors in self._batches(self._pooled, ids, mask, batch_size):
-      out[start:stop] = vectors
+    for rows, vectors in self._batches(self._pooled, ids, mask, batch_size):
+      out[rows] = vectors
     return out
 
 
