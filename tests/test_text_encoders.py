@@ -259,6 +259,20 @@ def test_item_texts_one_string_per_item_id(synthetic_prepared):
       assert texts[r["item_id"]].startswith(" ".join(r["title"].split()).rstrip(". "))
 
 
+def test_item_text_fields_choose_and_order_the_text(synthetic_prepared):
+  from recjax.data.prepared import PreparedDataset
+  data_dir = synthetic_prepared["synthetic"]
+  row = next(r for r in PreparedDataset(data_dir).items(columns=["item_id", "title", "description"]).to_pylist()
+             if r["title"] and r["description"])
+  title, description = (" ".join(row[k].split()).rstrip(". ") for k in ("title", "description"))
+  assert cache.item_texts(data_dir, ("description", "title"))[row["item_id"]] == f"{description}. {title}"
+  assert cache.item_texts(data_dir, ("title",))[row["item_id"]] == title
+  default = cache.item_texts(data_dir)[row["item_id"]]
+  assert description not in default and cache.item_texts(data_dir, cache.ITEM_TEXT_FIELDS)[row["item_id"]] == default
+  with pytest.raises(ValueError, match="reviews"):
+    cache.item_texts(data_dir, ("title", "reviews"))
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 def test_missing_checkpoint_errors_name_the_path(tmp_path):

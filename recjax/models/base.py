@@ -123,6 +123,7 @@ class ItemTextStates:
   critique_length: int
   rows: int
   cache_dir: str | None = None
+  item_fields: tuple[str, ...] = ("title", "brand", "categories")  # recjax.models.text.cache.item_texts
 
 
 @dataclasses.dataclass(frozen=True)

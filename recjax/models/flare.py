@@ -232,6 +232,9 @@ class Flare(bert4rec.Bert4Rec):
   use_perceiver: bool = True
   text_encoder: str = "minilm"  # "minilm" (bundled) or a Hugging Face BERT / T5 checkpoint directory
   item_text_length: int = 24  # tokens of item text kept per item
+  # Which item fields make the text, in order (recjax.models.text.cache.item_texts): title,
+  # brand, categories, description (FLARE's own text has the description too).
+  item_text_fields: tuple[str, ...] = ("title", "brand", "categories")
   critique_length: int = 16  # tokens kept per critique string
   text_cache_dir: str | None = None  # default: <prepared dataset>/text_cache
   num_latents: int = 4
@@ -281,7 +284,8 @@ class Flare(bert4rec.Bert4Rec):
     if self.use_text:
       specs["item_text"] = base.ItemTextStates(encoder=self.text_encoder, item_length=self.item_text_length,
                                                critique_length=self.critique_length, rows=self.padded_vocab_size,
-                                               cache_dir=self.text_cache_dir)
+                                               cache_dir=self.text_cache_dir,
+                                               item_fields=tuple(self.item_text_fields))
     return specs
 
   def finish_frozen(self, arrays: dict) -> dict:

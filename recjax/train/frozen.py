@@ -73,7 +73,7 @@ def text_states(task_name: str, spec: base.ItemTextStates) -> dict[str, np.ndarr
                      "registered from one (recjax.tasks.register_dataset_tasks)")
   enc = text_lib.load_text_encoder(spec.encoder)
   cache_dir = spec.cache_dir or str(pathlib.Path(data_dir) / "text_cache")
-  strings = cache.item_texts(data_dir)
+  strings = cache.item_texts(data_dir, spec.item_fields)
   states, mask = cache.encode_strings_cached(enc, strings, spec.item_length, cache_dir)
   out = {"item_text": _pad_rows(states, spec.rows), "item_text_mask": _pad_rows(mask, spec.rows)}
   feature = seqio.get_mixture_or_task(task_name).output_features.get("critiques")

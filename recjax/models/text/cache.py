@@ -147,27 +147,37 @@ def _common_prefix(paths: list[list[str]]) -> int:
   return n
 
 
-def item_texts(data_dir) -> list[str]:
+ITEM_TEXT_FIELDS = ("title", "brand", "categories")
+_TEXT_FIELDS = ("title", "brand", "categories", "description")
+
+
+def item_texts(data_dir, fields: Sequence[str] = ITEM_TEXT_FIELDS) -> list[str]:
   """One short string per item id 0 .. vocab_size - 1 of a prepared dataset ("" for PAD,
-  MASK and items without text): "title. brand. category > ... > leaf".
+  MASK and items without text): `fields` joined by ". ", by default "title. brand.
+  category > ... > leaf"; "description" (FLARE's item text has one) goes where it is listed.
 
   Kept short because the tokens are truncated (32 by default): the brand is dropped when
   the title already names it, and category levels shared by every item (Amazon's
   "Beauty") are dropped.
   """
   from recjax.data.prepared import PreparedDataset
+  unknown = [f for f in fields if f not in _TEXT_FIELDS]
+  if unknown or not fields:
+    raise ValueError(f"item text fields {list(fields)}: choose from {list(_TEXT_FIELDS)}")
   ds = PreparedDataset(data_dir)
-  rows = ds.items(columns=["item_id", "title", "brand", "categories"]).to_pylist()
+  columns = ["item_id", "title", "brand", "categories"] + (["description"] if "description" in fields else [])
+  rows = ds.items(columns=columns).to_pylist()
   skip = _common_prefix([r["categories"] or [] for r in rows])
   texts = [""] * ds.vocab_size
   for r in rows:
     title = " ".join((r["title"] or "").split())
-    brand = " ".join((r["brand"] or "").split())
-    parts = [title]
-    if brand and brand.lower() not in title.lower():
-      parts.append(brand)
-    parts.append(" > ".join(c.strip() for c in (r["categories"] or [])[skip:] if c and c.strip()))
-    texts[r["item_id"]] = ". ".join(p.rstrip(". ") for p in parts if p.rstrip(". "))
+    value = {"title": title, "brand": " ".join((r["brand"] or "").split()),
+             "categories": " > ".join(c.strip() for c in (r["categories"] or [])[skip:] if c and c.strip()),
+             "description": " ".join((r.get("description") or "").split())}
+    if value["brand"].lower() in title.lower():
+      value["brand"] = ""
+    parts = [value[f].rstrip(". ") for f in fields]
+    texts[r["item_id"]] = ". ".join(part for part in parts if part)
   return texts
 
 
