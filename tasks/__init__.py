@@ -148,6 +148,12 @@ def frozen_array(task_name: str, name: str):
   return got if got is not None else semantic_ids.frozen_array(task_name, name)
 
 
+def train_item_counts(task_name: str):
+  """The train split's item counts of a task, when its dataset already holds them (None:
+  count them from the task's examples, `recjax.data.pipeline.train_item_counts`)."""
+  return item_sequences.train_item_counts(task_name)
+
+
 def describe(task_name: str) -> str:
   """One line about a task or mixture: its family's description, else its features."""
   for family in FAMILIES:

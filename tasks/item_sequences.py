@@ -24,7 +24,9 @@ also reachable as `task.output_features["critiques"].vocabulary.table`.
 from __future__ import annotations
 
 import functools
+import pathlib
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -43,6 +45,24 @@ def describe(name: str) -> str | None:
 
 def _critique_feature(data_dir, kind: str) -> seqio.Feature:
   return seqio.Feature(sp.CritiqueVocabulary(data_dir, kind), add_eos=False, dtype=tf.int32)
+
+
+# Tasks whose "items" are the prepared dataset's sequences as `recjax prepare` wrote them (their
+# preprocessors only add features): the train split's item counts are the dataset's
+# `train_count` (`train_item_counts`).
+SOURCE_ITEMS: dict[str, pathlib.Path] = {}
+
+
+def train_item_counts(task_name: str) -> np.ndarray | None:
+  """int64 [vocab_size] counts of each item id in the train split (PAD and MASK 0), read
+  from the prepared dataset; None for a task not in SOURCE_ITEMS."""
+  if task_name not in SOURCE_ITEMS:
+    return None
+  ds = PreparedDataset(SOURCE_ITEMS[task_name])
+  t = ds.items(["item_id", "train_count"]).to_pydict()
+  counts = np.zeros(ds.vocab_size, np.int64)
+  counts[np.asarray(t["item_id"], np.int64)] = t["train_count"]
+  return counts
 
 
 def register(name: str, data_dir) -> list[str]:
@@ -64,6 +84,7 @@ def register(name: str, data_dir) -> list[str]:
         output_features={"items": items, **extra_features},
     )
     DESCRIPTIONS[task] = description
+    SOURCE_ITEMS[task] = data_dir
     added.append(task)
 
   # Family 1: item sequences.

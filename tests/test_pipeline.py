@@ -274,3 +274,23 @@ def test_to_global(stream):
   out = pipeline.to_global(batch, sharding)
   assert out["inputs"].shape == (16 * jax.process_count(), L)
   np.testing.assert_array_equal(np.asarray(out["segment_ids"]), batch["segment_ids"])
+
+
+def test_train_item_counts_of_a_prepared_dataset_equal_counting_the_task(synthetic_prepared, monkeypatch):
+  """Item-sequence tasks read the train split's counts from the prepared dataset (`recjax
+  prepare` counted them); they equal counting the task's own train examples."""
+  import recjax.tasks as tasks
+  item_sequences = tasks.item_sequences
+  tasks.register_dataset_tasks("pcount", synthetic_prepared["synthetic"])
+  rows = 4096
+  for name in ("pcount_items", "pcount_critique_mix"):
+    fast = pipeline.train_item_counts(name, rows)
+    first = seqio.get_mixture_or_task(name)
+    first = first.tasks[0].name if isinstance(first, seqio.Mixture) else name
+    with monkeypatch.context() as m:
+      m.delitem(item_sequences.SOURCE_ITEMS, first)
+      counted = pipeline.train_item_counts(name, rows)
+    np.testing.assert_array_equal(fast, counted)
+    assert fast[:NUM_RESERVED].sum() == 0 and fast.sum() > 1000
+  with pytest.raises(ValueError, match="table of 10 rows"):
+    pipeline.train_item_counts("pcount_items", 10)
