@@ -57,18 +57,16 @@ def train_item_counts(mixture_or_task_name: str, rows: int) -> np.ndarray:
   provider = _provider(mixture_or_task_name)
   task = provider.tasks[0] if isinstance(provider, seqio.Mixture) else provider
   import recjax.tasks as tasks  # pylint: disable=g-import-not-at-top
+  counts = np.zeros(rows, np.int64)
   known = tasks.train_item_counts(task.name)  # counted by `recjax prepare`: Clothing's 1.2M
   if known is not None:  # users take ~10 min through the task, this a fraction of a second
     if len(known) > rows:
       raise ValueError(f"{task.name}: {len(known)} item ids for a table of {rows} rows")
-    counts = np.zeros(rows, np.int64)
     counts[:len(known)] = known
-    counts[:vocab.NUM_RESERVED] = 0
-    return counts
-  counts = np.zeros(rows, np.int64)
-  ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, trim_output_features=False)
-  for ex in ds.as_numpy_iterator():
-    np.add.at(counts, ex["items"], 1)
+  else:
+    ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, trim_output_features=False)
+    for ex in ds.as_numpy_iterator():
+      np.add.at(counts, ex["items"], 1)
   counts[:vocab.NUM_RESERVED] = 0
   return counts
 

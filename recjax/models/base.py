@@ -122,8 +122,8 @@ class ItemTextStates:
   item_length: int
   critique_length: int
   rows: int
+  item_fields: tuple[str, ...]  # which item fields make the text (recjax.models.text.cache.item_texts)
   cache_dir: str | None = None
-  item_fields: tuple[str, ...] = ("title", "brand", "categories")  # recjax.models.text.cache.item_texts
 
 
 @dataclasses.dataclass(frozen=True)
