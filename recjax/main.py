@@ -54,6 +54,9 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--short_ids", action="store_true",
                  help="random short item ids (I123) for text tasks instead of I<item_id>")
   p.add_argument("--seed", type=int, default=0, help="seed of the short-id permutation")
+  p.add_argument("--category_root", default="",
+                 help="top-level category put first in every item's category path that lacks it "
+                      "(e.g. 'Office Products' for LC-Rec's Office files, which start one level below)")
   p.add_argument("--skip_bad_lines", action="store_true",
                  help="skip malformed lines, counting them in the manifest, instead of failing")
 
@@ -555,7 +558,8 @@ def _prepare_options(args):
   from recjax.data.prepare import PrepareOptions
   return PrepareOptions(kcore=args.kcore, min_seq_len=args.min_seq_len,
                         dedupe_consecutive=args.dedupe_consecutive, max_seq_len=args.max_seq_len,
-                        short_ids=args.short_ids, seed=args.seed, skip_bad_lines=args.skip_bad_lines)
+                        short_ids=args.short_ids, seed=args.seed, skip_bad_lines=args.skip_bad_lines,
+                        category_root=args.category_root)
 
 
 def cmd_prepare(args) -> None:

@@ -66,6 +66,42 @@ def test_candidate_ideal_leaves_out_the_history():
   assert index.ideal_dcg(path, 10, exclude=history) == pytest.approx(critiquing.cat_dcg(np.array([3, 2, 1, 0.0])))
 
 
+class _ConstantScorer:
+  """Scores item i as -i: the top 10 are always the 10 lowest ids."""
+
+  def __init__(self, vocab_size):
+    import jax.numpy as jnp
+    self.params, self.vocab_size = None, vocab_size
+    self.item_table = jnp.asarray(-np.arange(vocab_size, dtype=np.float32))[:, None]
+    self.bias = None
+
+  def queries_fn(self, params, features):
+    import jax.numpy as jnp
+    return jnp.ones((features["inputs"].shape[0], 1), jnp.float32)
+
+
+def test_mutated_critique_names_a_category_of_min_items():
+  """FLARE footnote 2: a mutated critique's category holds at least `min_items` items."""
+  r = critiquing.ranking.NUM_RESERVED
+  big, small = ("a", "b", "c", "e"), ("a", "b", "c", "f")
+  paths = [()] * r + [("a", "b", "c", "d")] * 3 + [big] * 5 + [small] * 2
+  index = object.__new__(critiquing.CategoryIndex)
+  index.paths, index.vocab_size, index._counts = paths, len(paths), {}
+  index.distinct = sorted(set(paths) - {()})
+  index.items_per_path = critiquing.collections.Counter(p for p in paths if p)
+  index.critique_id = {p: i + 1 for i, p in enumerate(index.distinct)}
+  batch = {"inputs": np.full((3, 2), r + 9), "critiques": np.zeros((3, 2), np.int32),
+           "mask_position": np.ones(3, np.int32), "valid": np.array([True, True, True]),
+           "target": np.array([r, r + 1, r + 3])}  # two users of path ...d, one of ...e
+  scorer = _ConstantScorer(len(paths))
+  strict = critiquing.out_of_sequence(scorer, [batch], index, 4, min_items=5)
+  # Users of ...d may only be sent to ...e (5 items); the ...e user's alternatives (...d: 3
+  # items, ...f: 2) are too small.
+  assert strict["count"] == 2 and strict["skipped"] == 1
+  loose = critiquing.out_of_sequence(scorer, [batch], index, 4, min_items=1)
+  assert loose["count"] == 3 and loose["skipped"] == 0
+
+
 def _recjax(*args, dataset, timeout=1200):
   env = dict(os.environ, RECJAX_DATA_DIR=str(pathlib.Path(dataset).parent))
   cmd = [sys.executable, "-m", "recjax.main", *map(str, args), "--dataset", f"synthetic={dataset}"]

@@ -96,6 +96,20 @@ def test_item_metadata_counts_and_narratives(tmp_path):
   assert "timestamps" in m["fields"] and "reviews" not in m["fields"]
 
 
+def test_category_root_is_put_first_where_missing(tmp_path):
+  events = [("u", x, t) for t, x in enumerate("abc")]
+  items = [Item("a", categories=("Supplies", "Pens")), Item("b", categories=("Root", "Desks")), Item("c")]
+  m, ds = build(tmp_path, events, prepare.PrepareOptions(category_root="Root"), items=items)
+  paths = dict(zip(*ds.items(["original_id", "categories"]).to_pydict().values()))
+  # Prepended once (b already starts at the root); an item without a path keeps none.
+  assert paths == {"a": ["Root", "Supplies", "Pens"], "b": ["Root", "Desks"], "c": []}
+  assert m["options"]["category_root"] == "Root" and m["max_category_depth"] == 3
+  _, plain = build(tmp_path, events, items=items)
+  assert plain.items(["categories"]).column(0).to_pylist()[0] == ["Supplies", "Pens"]
+  with pytest.raises(ValueError, match="category_root"):
+    prepare.PrepareOptions(category_root=" Root").validate()
+
+
 def test_mixed_timestamps_are_rejected(tmp_path):
   with pytest.raises(ValueError, match="lack a timestamp"):
     build(tmp_path, [("u", "a", 1), ("u", "b", None), ("u", "c", 3)])

@@ -63,6 +63,10 @@ class PrepareOptions:
   short_ids: bool = False  # random "I123" ids for text tasks (else I<item_id>)
   seed: int = 0
   skip_bad_lines: bool = False
+  # The catalogue's top-level category, put first in every item's category path that does
+  # not start with it: some sources drop it (LC-Rec's Office files start below "Office
+  # Products"), and FLARE's critique levels count from it (paper section 4.5 example).
+  category_root: str = ""
 
   def validate(self) -> None:
     for name in ("kcore", "max_seq_len"):
@@ -72,6 +76,8 @@ class PrepareOptions:
       raise ValueError(f"--min_seq_len must be >= 3 for a leave-one-out split, got {self.min_seq_len}")
     if 0 < self.max_seq_len < self.min_seq_len:
       raise ValueError(f"--max_seq_len {self.max_seq_len} is below --min_seq_len {self.min_seq_len}")
+    if self.category_root != self.category_root.strip():
+      raise ValueError(f"--category_root {self.category_root!r} has leading or trailing spaces")
 
 
 class _Columns:
@@ -347,6 +353,9 @@ def _write_items(out: pathlib.Path, source: Source, item_names: list[str], count
     numbers = np.arange(n) + NUM_RESERVED
   get = lambda attr: [getattr(m, attr) if m is not None else None for m in meta]
   categories = [list(m.categories) if m is not None else [] for m in meta]
+  if options.category_root:  # items without a path stay without one
+    root = options.category_root
+    categories = [c if not c or c[0] == root else [root, *c] for c in categories]
   # Any text an encoder can read counts: some real items have only a category path.
   has_text = [m is not None and bool(m.title or m.description or m.brand or m.categories) for m in meta]
   table = pa.table({

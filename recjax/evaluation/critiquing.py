@@ -5,7 +5,10 @@
    path cut to 4 / 2 levels / no critique at the [MASK]): Recall@1/5/10, NDCG@10, MRR.
 2. Out-of-sequence critiques: the target's precise critique is replaced by another valid
    category path that differs from it at level j (levels 1..j-1 kept, level j and below
-   drawn from the catalogue's real paths, so the path stays valid), for j in {4, 3, 2}.
+   drawn from the catalogue's real paths, so the path stays valid), for j in {4, 3, 2};
+   the new path must be the (4-level) path of at least `min_items` items (5: FLARE's
+   footnote 2). Levels count from the catalogue's root category, as FLARE's do ("Office
+   Products" is level 1): prepare sources that drop it with `--category_root`.
    Cat-nDCG@10: the relevance of a recommended item is the number of leading category
    levels (of the first 4) it shares with the critique path; DCG over the top 10 is
    normalised by the best achievable DCG over the whole catalogue (FLARE's definition).
@@ -19,6 +22,7 @@ Full ranking, history excluded, as everywhere else in recjax.
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 from typing import Callable, Sequence
@@ -76,6 +80,7 @@ class CategoryIndex:
     for i, cats in zip(table["item_id"], table["categories"]):
       self.paths[i] = tuple((cats or [])[:MAX_LEVELS])
     self.distinct = sorted({p for p in self.paths if p})
+    self.items_per_path = collections.Counter(p for p in self.paths if p)
     index = {s: i for i, s in enumerate(critique_table)}
     self.critique_id = {p: index.get(sp.category_critique(list(p), MAX_LEVELS)) for p in self.distinct}
     self._counts: dict[tuple, np.ndarray] = {}
@@ -97,15 +102,16 @@ class CategoryIndex:
 
 
 def out_of_sequence(scorer, batches, index: CategoryIndex, level: int, *, k: int = 10,
-                    seed: int = 0) -> dict[str, float]:
+                    seed: int = 0, min_items: int = 5) -> dict[str, float]:
   """Cat-nDCG@k with the target's critique mutated at `level` (see the module docstring)."""
   rng = np.random.default_rng([seed, level])
+  choices = [p for p in index.distinct if index.items_per_path[p] >= min_items]
   total, total_candidates, count, skipped = 0.0, 0.0, 0, 0
   for batch in batches:
     crit = np.array(batch["critiques"])
     rows, paths = [], []
     for r in np.flatnonzero(batch["valid"]):
-      new = mutate_path(index.paths[int(batch["target"][r])], level, index.distinct, rng)
+      new = mutate_path(index.paths[int(batch["target"][r])], level, choices, rng)
       cid = index.critique_id.get(new) if new is not None else None
       if cid is None:
         skipped += 1
@@ -145,10 +151,11 @@ def _dataset_prefix(task_name: str) -> str:
 def critique(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
              task_feature_lengths: dict = gin.REQUIRED, model_dir: str = gin.REQUIRED,
              batch_size: int = 256, split: str = "test", levels: Sequence[int] = (4, 3, 2),
-             ks: Sequence[int] = (1, 5, 10), seed: int = 0, mesh_fn: Callable = mesh_lib.create_mesh,
+             ks: Sequence[int] = (1, 5, 10), seed: int = 0, min_items: int = 5, mesh_fn: Callable = mesh_lib.create_mesh,
              logical_axis_rules=mesh_lib.DEFAULT_RULES, verbose: bool = True, checkpoint: str = "latest") -> dict:
   """Runs both critiquing evaluations on the checkpoint in MODEL_DIR; writes
-  MODEL_DIR/critique_step_N.json and prints the tables."""
+  MODEL_DIR/critique_step_N.json and prints the tables. `min_items`: the fewest items a
+  mutated critique's category may have."""
   import seqio
   import recjax.tasks as tasks
   prefix = _dataset_prefix(mixture_or_task_name)
@@ -166,10 +173,10 @@ def critique(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
   for level in levels:
     batches = eval_lib.eval_batches(f"{prefix}_critique_precise", split, converter, task_feature_lengths,
                                     batch_size)
-    oos[f"level_{level}"] = out_of_sequence(scorer, batches, index, level, seed=seed)
+    oos[f"level_{level}"] = out_of_sequence(scorer, batches, index, level, seed=seed, min_items=min_items)
   payload = {"step": step, "task": mixture_or_task_name, "split": split,
              "protocol": ranking.ranking_protocol(scorer.vocab_size, True),
-             "in_sequence": results, "out_of_sequence": oos}
+             "in_sequence": results, "out_of_sequence": oos, "min_items": min_items}
   out = pathlib.Path(model_dir) / f"critique_step_{step}.json"
   out.write_text(json.dumps(payload, indent=2) + "\n")
   if verbose:
@@ -179,7 +186,7 @@ def critique(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
     print("out-of-sequence critiques (target's critique changed at level j):")
     for name, m in oos.items():
       print(f"  {name}: Cat-nDCG@10 {m['cat_ndcg@10']:.4f} (ideal over the candidates, history left out: "
-            f"{m['cat_ndcg@10_candidates']:.4f}) over {m['count']} users ({m['skipped']} without an alternative path)")
+            f"{m['cat_ndcg@10_candidates']:.4f}) over {m['count']} users ({m['skipped']} without an alternative path of >= {min_items} items)")
   return payload
 
 
