@@ -598,7 +598,9 @@ def _prepare_shared_datasets(root: pathlib.Path) -> None:
     jobs.append(("beauty", "s3rec", beauty / "Beauty.txt",
                  {"datamaps": str(beauty / "datamaps.json"), "item_text": str(beauty / "Amazon_Beauty.item")}))
   if office.is_dir():
-    jobs.append(("office", "lcrec", office / "Office.inter.json", {}))
+    # LC-Rec's Office paths start below Amazon's root category (docs/data.md, --category_root).
+    jobs.append(("office", "lcrec", office / "Office.inter.json",
+                 {"options": prepare.PrepareOptions(category_root="Office Products")}))
   for name, fmt, src, extra in jobs:
     if not (root / name / prepare.MANIFEST).is_file():
       m = prepare.prepare(fmt, src, root / name, **extra)
