@@ -658,3 +658,8 @@ def test_flare_catalogue_scale_experiment_trains_and_evaluates(tsyn, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   results = json.loads((tmp_path / "m" / "eval_step_4.json").read_text())["results"]
   assert sorted(results) == ["test/model", "test/popularity"] and results["test/model"]["count"] > 250
+  # The first 40 test users only (evaluators.ranking.max_rows), still over the whole catalogue.
+  out = recjax("evaluate", *run, "--gin.evaluators.ranking.max_rows=40", dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  first = json.loads((tmp_path / "m" / "eval_step_4.json").read_text())["results"]
+  assert first["test/model"]["count"] == first["test/popularity"]["count"] == 40

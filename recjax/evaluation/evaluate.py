@@ -26,8 +26,9 @@ NUM_RESERVED = ranking.NUM_RESERVED
 
 
 def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_lengths,
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """This process's share of a split as fixed-size numpy batches with a "valid" mask.
+                 batch_size: int, max_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """This process's share of a split as fixed-size numpy batches with a "valid" mask;
+  `max_rows`: the split's first examples only (all processes together).
 
   Processes take interleaved shards and all yield the same number of batches (the
   shortest shard is padded), so a jitted global computation stays in lock-step.
@@ -43,8 +44,12 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
   # fit, as in training); the converters, not seqio, cut what remains.
   ds = task.get_dataset(sequence_length=dict(task_feature_lengths), split=split, shuffle=False,
                         trim_output_features=False)
-  ds = converter(ds, task_feature_lengths)
   total = task.num_input_examples(split)
+  if max_rows is not None:
+    if max_rows < 1:
+      raise ValueError(f"max_rows must be positive or None, got {max_rows}")
+    ds, total = ds.take(max_rows), min(total, max_rows)
+  ds = converter(ds, task_feature_lengths)
   if n_proc > 1:
     ds = ds.shard(n_proc, index)
   per_process = -(-total // n_proc)
@@ -181,8 +186,9 @@ def rank_split(scorer: Scorer, batches, *, exclude_history: bool, ks, popularity
 
 def rank_with_scorer(*, scorer: Scorer, converter, mixture_or_task_name: str, task_feature_lengths, splits,
                      batch_size: int, ks, exclude_history: bool = True, popularity_baseline: bool = True,
-                     **_) -> tuple[dict, str]:
-  """The "ranking" evaluator: full-catalogue ranking + a popularity baseline per split."""
+                     max_rows: int | None = None, **_) -> tuple[dict, str]:
+  """The "ranking" evaluator: full-catalogue ranking + a popularity baseline per split;
+  `max_rows` ranks each split's first users only (a quick look at a large split)."""
   popularity = None
   if popularity_baseline:
     counts = train_popularity(mixture_or_task_name, scorer.item_table.shape[0])
@@ -191,7 +197,7 @@ def rank_with_scorer(*, scorer: Scorer, converter, mixture_or_task_name: str, ta
   names = eval_task_names(mixture_or_task_name)
   for split in splits:
     for task in names:
-      batches = eval_batches(task, split, converter, task_feature_lengths, batch_size)
+      batches = eval_batches(task, split, converter, task_feature_lengths, batch_size, max_rows)
       for name, metrics in rank_split(scorer, batches, exclude_history=exclude_history, ks=ks,
                                       popularity=popularity).items():
         results[f"{split}/{name}" if len(names) == 1 else f"{split}/{task}/{name}"] = metrics

@@ -86,14 +86,16 @@ class Source:
 
 
 @register("ranking")
-def ranking(*, source: Source, **kwargs) -> tuple[dict, str]:
+def ranking(*, source: Source, max_rows: int | None = None, **kwargs) -> tuple[dict, str]:
+  """Full-catalogue ranking of each split's targets; `max_rows` (gin) ranks the first
+  users of each split only, e.g. a quick look at a catalogue-scale test split."""
   if source.export_dir:
     from recjax.evaluation import exported
     scorer, converter = exported.load_scorer(source.export_dir), exported.load_eval_converter(source.export_dir)
   else:
     scorer = eval_lib.params_scorer(source.model, source.trainer, source.params)
     converter = source.model.eval_feature_converter()
-  return eval_lib.rank_with_scorer(scorer=scorer, converter=converter, **kwargs)
+  return eval_lib.rank_with_scorer(scorer=scorer, converter=converter, max_rows=max_rows, **kwargs)
 
 
 @register("generative_retrieval")

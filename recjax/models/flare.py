@@ -235,7 +235,7 @@ class Flare(bert4rec.Bert4Rec):
   # Which item fields make the text, in order (recjax.models.text.cache.item_texts): title,
   # brand, categories, description (FLARE's own text has the description too).
   item_text_fields: tuple[str, ...] = ("title", "brand", "categories")
-  critique_length: int = 16  # tokens kept per critique string
+  critique_length: int = 32  # tokens kept per critique string (category paths: up to ~29)
   text_cache_dir: str | None = None  # default: <prepared dataset>/text_cache
   num_latents: int = 4
   perceiver_layers: int = 1
