@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
@@ -87,8 +88,8 @@ def test_mutated_critique_names_a_category_of_min_items():
   paths = [()] * r + [("a", "b", "c", "d")] * 3 + [big] * 5 + [small] * 2
   index = object.__new__(critiquing.CategoryIndex)
   index.paths, index.vocab_size, index._counts = paths, len(paths), {}
-  index.distinct = sorted(set(paths) - {()})
-  index.items_per_path = critiquing.collections.Counter(p for p in paths if p)
+  index.items_per_path = collections.Counter(p for p in paths if p)
+  index.distinct = sorted(index.items_per_path)
   index.critique_id = {p: i + 1 for i, p in enumerate(index.distinct)}
   batch = {"inputs": np.full((3, 2), r + 9), "critiques": np.zeros((3, 2), np.int32),
            "mask_position": np.ones(3, np.int32), "valid": np.array([True, True, True]),

@@ -79,8 +79,8 @@ class CategoryIndex:
     self.paths: list[tuple] = [()] * ds.vocab_size
     for i, cats in zip(table["item_id"], table["categories"]):
       self.paths[i] = tuple((cats or [])[:MAX_LEVELS])
-    self.distinct = sorted({p for p in self.paths if p})
     self.items_per_path = collections.Counter(p for p in self.paths if p)
+    self.distinct = sorted(self.items_per_path)
     index = {s: i for i, s in enumerate(critique_table)}
     self.critique_id = {p: index.get(sp.category_critique(list(p), MAX_LEVELS)) for p in self.distinct}
     self._counts: dict[tuple, np.ndarray] = {}
