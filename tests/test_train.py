@@ -663,3 +663,30 @@ def test_flare_catalogue_scale_experiment_trains_and_evaluates(tsyn, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   first = json.loads((tmp_path / "m" / "eval_step_4.json").read_text())["results"]
   assert first["test/model"]["count"] == first["test/popularity"]["count"] == 40
+
+
+def test_trainer_places_frozen_inputs_once_and_releases_the_host_copies():
+  """A catalogue-scale text-state table is GBs: once on the mesh, the trainer must not keep
+  the numpy copy alive beside it (host memory an accelerator run would waste)."""
+  import weakref
+  from recjax.models import flare
+  from recjax.train import loop, mesh as mesh_lib
+  model = flare.Flare(vocab_size=40, max_length=8, dim=16, num_layers=1, num_heads=2, mlp_dim=32, text_dim=12,
+                      num_latents=2, perceiver_dim=8, perceiver_heads=2, vocab_multiple=8)
+  rng = np.random.default_rng(0)
+  states = rng.normal(size=(model.padded_vocab_size, 6, 12)).astype(np.float16)
+  mask = rng.uniform(size=(model.padded_vocab_size, 6)) < 0.8
+  host = weakref.ref(states)
+  frozen = model.finish_frozen({"item_text": states, "item_text_mask": mask})
+  trainer = loop.Trainer(model, mesh_lib.create_mesh(), mesh_lib.DEFAULT_RULES, frozen_inputs=frozen)
+  want = states.copy()
+  del states, frozen
+  assert host() is not None  # held by the trainer until placed
+  placed = trainer.frozen
+  # Freed, or alive only as the device buffer itself (JAX on CPU may alias aligned numpy).
+  alive = host()
+  assert alive is None or placed["item_text"].unsafe_buffer_pointer() == alive.ctypes.data
+  assert not any(isinstance(v, np.ndarray) for v, _ in trainer.frozen_inputs.values())
+  np.testing.assert_array_equal(np.asarray(placed["item_text"]), want)
+  assert trainer.frozen is placed and set(trainer.frozen_inputs) == {"item_text", "item_text_mask"}
+  assert trainer.frozen_inputs["item_text"] == (placed["item_text"], ("item", None, None))

@@ -92,7 +92,8 @@ class Trainer:
   total_steps: int = 1
   optimizer_fn: Callable = make_optimizer
   # Frozen model inputs (e.g. FLARE's cached text-encoder states), named by the model and
-  # fetched by `recjax.train.frozen`: {name: (numpy array, logical axes)}. They reach `loss_fn` and
+  # fetched by `recjax.train.frozen`: {name: (numpy array, logical axes)}; the numpy arrays
+  # are swapped for the device ones once placed (`frozen`). They reach `loss_fn` and
   # `queries` as batch["frozen"], are never differentiated, and are not checkpointed
   # (they are a function of the data and the frozen encoder, cached on disk).
   frozen_inputs: dict = dataclasses.field(default_factory=dict)
@@ -122,10 +123,13 @@ class Trainer:
 
   @property
   def frozen(self) -> dict[str, jax.Array]:
-    """The frozen inputs on device (placed once, with their shardings)."""
+    """The frozen inputs on device (placed once, with their shardings). The host copies
+    are then released: at catalogue scale a text-state table is several GB of host memory,
+    dead weight once it sits on an accelerator (on CPU, JAX may alias the numpy buffer)."""
     if self._frozen is None:
       self._frozen = {k: jax.make_array_from_callback(v.shape, self.frozen_shardings[k], lambda i, v=v: v[i])
                       for k, (v, _) in self.frozen_inputs.items()}
+      self.frozen_inputs = {k: (self._frozen[k], axes) for k, (_, axes) in self.frozen_inputs.items()}
     return self._frozen
 
   # -- state ------------------------------------------------------------------------
