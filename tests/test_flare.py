@@ -226,3 +226,36 @@ def test_output_text_scores_items_by_their_sentence():
     model.output_table(net, {})
   with pytest.raises(ValueError, match="use_text"):
     flare.Flare(vocab_size=40, use_text=False, output_text=True)
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_inference_item_context_is_the_per_position_text_vector(mode, monkeypatch):
+  """Ranking without critiques gathers each item's fused text vector from a table computed
+  once (`inference_frozen`); the queries equal the per-position Perceiver's, including at
+  MASK and padding positions, and across chunk boundaries (chunks of 16 rows here)."""
+  monkeypatch.setattr(flare, "CONTEXT_CHUNK", 16)
+  model, batch = _model_and_batch(with_critiques=False)
+  model = flare.Flare(**{**model.__dict__, "project_tables": mode})
+  net = model.network(nnx.Rngs(0))
+  batch = dict(batch, mask_position=np.array([1, 2], np.int32))
+  derived = jax.jit(lambda f: model.inference_frozen(net, f))(batch["frozen"])
+  assert derived["item_context"].shape == (model.padded_vocab_size, 16)
+  want = model.queries(net, batch)
+  fast = dict(batch, frozen={**batch["frozen"], **derived})
+  np.testing.assert_allclose(np.asarray(model.queries(net, fast)), np.asarray(want), atol=1e-5, rtol=1e-5)
+  # The table is what the queries read: changing item 7's row moves the first user's query.
+  # (A random change: a constant one would vanish in the embedding's layer norm.)
+  step = jax.random.normal(jax.random.key(4), (16,))
+  moved = dict(fast, frozen=dict(fast["frozen"], item_context=derived["item_context"].at[7].add(step)))
+  assert np.abs(np.asarray(model.queries(net, moved) - want))[0].max() > 1e-4
+
+
+def test_critique_batches_do_not_read_the_item_context_table():
+  model, batch = _model_and_batch()
+  net = model.network(nnx.Rngs(0))
+  batch = dict(batch, mask_position=np.array([1, 2], np.int32))
+  want = model.queries(net, batch)
+  bogus = dict(batch, frozen=dict(batch["frozen"], item_context=jax.random.normal(
+      jax.random.key(5), (model.padded_vocab_size, 16))))
+  np.testing.assert_array_equal(np.asarray(model.queries(net, bogus)), np.asarray(want))
+  assert flare.Flare(vocab_size=40, use_text=False).inference_frozen(None, {}) == {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 import gin
@@ -25,10 +26,16 @@ from recjax.train import mesh as mesh_lib
 NUM_RESERVED = ranking.NUM_RESERVED
 
 
+# Seconds between evaluation progress lines (a catalogue-scale split ranks for half an hour).
+PROGRESS_EVERY_S = 60.0
+
+
 def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_lengths,
-                 batch_size: int, max_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 batch_size: int, max_rows: int | None = None,
+                 progress_every_s: float | None = None) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of a split as fixed-size numpy batches with a "valid" mask;
-  `max_rows`: the split's first examples only (all processes together).
+  `max_rows`: the split's first examples only (all processes together). Process 0 prints a
+  progress line (batches, rows, rate, ETA) every `progress_every_s` (PROGRESS_EVERY_S).
 
   Processes take interleaved shards and all yield the same number of batches (the
   shortest shard is padded), so a jitted global computation stays in lock-step.
@@ -58,7 +65,11 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
   empty = {k: np.zeros((0, *(d or 0 for d in v.shape)), v.dtype.as_numpy_dtype)
            for k, v in ds.element_spec.items()}
   it = ds.batch(local).prefetch(4).as_numpy_iterator()
-  for _ in range(num_batches):
+  every = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
+  report = jax.process_index() == 0 and num_batches > 1
+  start = last = time.perf_counter()
+  printed = False  # a closing line (rate over the whole split) only after progress lines
+  for i in range(num_batches):
     batch = next(it, None) or empty
     n = len(next(iter(batch.values())))
     valid = np.arange(local) < n
@@ -66,6 +77,20 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
              for k, v in batch.items()}
     batch["valid"] = valid
     yield batch
+    now = time.perf_counter()
+    if i == 0:
+      start = last = now  # the rate leaves out the first batch (compilation)
+    elif report and (now - last >= every or (printed and i == num_batches - 1)):
+      last, printed, rate = now, True, i / max(now - start, 1e-9)  # batches after the first, per second
+      rows = min((i + 1) * batch_size, total)
+      print(f"evaluating {mixture_or_task_name}/{split}: batch {i + 1:,}/{num_batches:,}, {rows:,} of "
+            f"{total:,} rows, {rate * batch_size:,.0f} rows/s, ETA {_clock((num_batches - 1 - i) / rate)}",
+            flush=True)
+
+
+def _clock(seconds: float) -> str:
+  m, s = divmod(int(round(seconds)), 60)
+  return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def eval_task_names(name: str) -> list[str]:
@@ -132,7 +157,7 @@ def checkpoint_scorer(model, mixture_or_task_name: str, model_dir, mesh, rules, 
   return params_scorer(net_model, trainer, params), step
 
 
-def _scorer_fns(net_model, trainer) -> tuple[Callable, Callable]:
+def _scorer_fns(net_model, trainer) -> tuple[Callable, Callable, Callable | None]:
   def build():
     @jax.jit
     def queries_fn(params, batch):
@@ -141,7 +166,9 @@ def _scorer_fns(net_model, trainer) -> tuple[Callable, Callable]:
       return net_model.queries(trainer.network(params["params"]), batch)
 
     table_fn = jax.jit(lambda p: net_model.output_table(trainer.network(p["params"]), p["frozen"]))
-    return queries_fn, table_fn
+    derive = getattr(net_model, "inference_frozen", None)
+    derive_fn = jax.jit(lambda p: derive(trainer.network(p["params"]), p["frozen"])) if derive else None
+    return queries_fn, table_fn, derive_fn
 
   return scorer_lib.jitted_for(trainer, (id(net_model), "scorer"), build)
 
@@ -150,7 +177,9 @@ def params_scorer(net_model, trainer, params) -> Scorer:
   """A Scorer of in-memory parameters (a restored checkpoint, or a run in progress)."""
   # Frozen inputs travel with the parameters (an export saves them as well).
   full = {"params": params, "frozen": trainer.frozen}
-  queries_fn, table_fn = _scorer_fns(net_model, trainer)
+  queries_fn, table_fn, derive_fn = _scorer_fns(net_model, trainer)
+  if derive_fn is not None:  # tables of these parameters that every query reads (FLARE's item texts)
+    full["frozen"] = {**full["frozen"], **derive_fn(full)}
   table, bias = table_fn(full)
   return Scorer(queries_fn, full, table, bias, net_model.vocab_size, batch_sharding=trainer.batch_sharding)
 

@@ -24,7 +24,10 @@ item's semantic-ID tokens) are *named*, not built, by a model: the optional
 trainer fetches (`recjax.train.frozen`) from the task and its artifacts; the optional
 `finish_frozen(arrays)` -> {name: (array, logical axes)} post-processes what was fetched
 (pure numpy). The trainer places them on the mesh once and hands them to `loss_fn` /
-`queries` as batch["frozen"]; they are never differentiated or checkpointed.
+`queries` as batch["frozen"]; they are never differentiated or checkpointed. A scoring
+model may also derive frozen inputs from its parameters for inference:
+`inference_frozen(net, frozen)` -> {name: array}, computed once per parameter set by the
+scorer (evaluation, export) and added to batch["frozen"] (FLARE's per-item text vectors).
 
 Sparse item-table gradients (optional, scoring models): `item_ids(batch, rng)` -> int32 ids
 (any static shape, duplicates allowed) of every item row `loss_fn(net, batch, rng)` reads
