@@ -305,3 +305,22 @@ def test_register_through_gin(tasks_module, synthetic_prepared):
 def test_unknown_dataset_is_one_sentence(tasks_module):
   with pytest.raises(KeyError, match="unknown dataset 'it_nope'"):
     tasks_module.register_dataset_tasks("it_nope")
+
+
+def test_eval_batches_report_progress_with_rows_rate_and_eta(registered, capsys):
+  """A long evaluation says how far it is: one line per `progress_every_s` (here every
+  batch), counting rows of the split (max_rows honoured), with a rate and an ETA."""
+  from recjax.evaluation import evaluate as eval_lib
+  conv = converters.ItemSequenceEvalConverter()
+  rows = len(sequences(registered[0]["it_syn"]))
+  batches = list(eval_lib.eval_batches("it_syn_items", "test", conv, {"items": L}, 16, progress_every_s=0.0))
+  lines = capsys.readouterr().out.splitlines()
+  n = -(-rows // 16)
+  assert len(batches) == n and len(lines) == n - 1  # none after the first batch (compilation)
+  assert lines[0].startswith(f"evaluating it_syn_items/test: batch 2/{n}, 32 of {rows:,} rows, ")
+  assert lines[-1].startswith(f"evaluating it_syn_items/test: batch {n}/{n}, {rows:,} of {rows:,} rows, ")
+  assert " rows/s, ETA " in lines[0] and lines[-1].endswith("ETA 0:00")
+  list(eval_lib.eval_batches("it_syn_items", "test", conv, {"items": L}, 16, max_rows=40, progress_every_s=0.0))
+  assert capsys.readouterr().out.splitlines()[-1].startswith("evaluating it_syn_items/test: batch 3/3, 40 of 40 rows")
+  list(eval_lib.eval_batches("it_syn_items", "test", conv, {"items": L}, 16))  # default: once a minute
+  assert capsys.readouterr().out == ""
