@@ -37,7 +37,7 @@ def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
   """Writes every user's top-k as JSON lines; with `user` set, prints that user's history
   and top-k with and without a critique instead (`critique`: a string of the task's
   critique table, default the held-out item's own critique). `max_rows`: the first rows
-  of each task only (LM recommenders)."""
+  of each task only."""
   mesh = mesh_fn()
   restore_dir = eval_lib.checkpoint_dir(model_dir, checkpoint)
   # No mesh context here: see evaluate.evaluate.
@@ -48,10 +48,11 @@ def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
                        max_rows=max_rows)
   if base.evaluator_name(model) == "reat":
     return _infer_reat(model, mixture_or_task_name, task_feature_lengths, restore_dir, mesh, logical_axis_rules,
-                       split=split, top_k=top_k, batch_size=batch_size, output=output)
+                       split=split, top_k=top_k, batch_size=batch_size, output=output, max_rows=max_rows)
   if base.evaluator_name(model) != "ranking":
     return _infer_generative(model, mixture_or_task_name, task_feature_lengths, restore_dir, mesh,
-                             logical_axis_rules, split=split, top_k=top_k, batch_size=batch_size, output=output)
+                             logical_axis_rules, split=split, top_k=top_k, batch_size=batch_size, output=output,
+                             max_rows=max_rows)
   scorer, step = eval_lib.checkpoint_scorer(model, mixture_or_task_name, restore_dir, mesh,
                                             logical_axis_rules)
   converter = model(vocab_size=scorer.vocab_size).eval_feature_converter()
@@ -64,7 +65,7 @@ def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
   with open(path, "w") as f:
     # A mixture's tasks hold the same users: recommend from its first task.
     task = eval_lib.eval_task_names(mixture_or_task_name)[0]
-    for batch in eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size):
+    for batch in eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size, max_rows):
       features = {k: jnp.asarray(batch[k]) for k in eval_lib._MODEL_FEATURES if k in batch}
       query = scorer.queries_fn(scorer.params, features)
       scores, ids = ranking.top_k(query, scorer.item_table, scorer.bias, k=top_k,
@@ -82,7 +83,7 @@ def infer(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
 
 
 def _infer_generative(model_factory, task_name, task_feature_lengths, model_dir, mesh, rules, *, split, top_k,
-                      batch_size, output) -> str:
+                      batch_size, output, max_rows) -> str:
   import recjax.tasks as tasks
   from recjax.evaluation import generative
   net_model, trainer, params, step = eval_lib.restore_checkpoint(model_factory, task_name, model_dir, mesh, rules,
@@ -94,7 +95,7 @@ def _infer_generative(model_factory, task_name, task_feature_lengths, model_dir,
   converter = net_model.eval_feature_converter()
   with open(path, "w") as f:
     task = eval_lib.eval_task_names(task_name)[0]
-    for batch in eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size):
+    for batch in eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size, max_rows):
       ids, scores = predict({k: jnp.asarray(batch[k]) for k in generative.FEATURES if k in batch})
       ids, scores = np.asarray(ids), np.asarray(scores)
       for row in np.flatnonzero(batch["valid"]):
@@ -123,8 +124,8 @@ def _infer_text(model_factory, task_name, task_feature_lengths, model_dir, mesh,
   shown = None
   with open(path, "w") as f:
     for task in eval_lib.eval_task_names(task_name):
-      batches = eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size)
-      for record in text_generation.generated_rows(generate, batches, vocabulary, max_rows=max_rows):
+      batches = eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size, max_rows)
+      for record in text_generation.generated_rows(generate, batches, vocabulary):
         record = {"task": task, **record}
         f.write(json.dumps(record) + "\n")
         if user is not None and shown is None and record.get("user_id") == user:
@@ -148,14 +149,14 @@ def _item_titles(task_name: str) -> dict[int, str]:
 
 
 def _infer_reat(model_factory, task_name, task_feature_lengths, model_dir, mesh, rules, *, split, top_k,
-                batch_size, output) -> str:
+                batch_size, output, max_rows) -> str:
   from recjax.evaluation import evaluators
   from recjax.evaluation import reat as reat_lib
   source = evaluators.Source.from_checkpoint(model_factory, task_name, model_dir, mesh, rules,
                                              task_feature_lengths=task_feature_lengths)
   path = pathlib.Path(output or pathlib.Path(model_dir) / f"infer_{split}_step_{source.step}.jsonl")
   rows = reat_lib.infer(source, task_name, task_feature_lengths, path, split=split, top_k=max(top_k, 1),
-                        batch_size=batch_size)
+                        batch_size=batch_size, max_rows=max_rows)
   print(f"wrote {top_k} beams (texts and the items they name) for {rows} rows of split {split!r} to {path}")
   return str(path)
 

@@ -132,18 +132,6 @@ def popularity_ranks(counts: np.ndarray, targets, candidates=None) -> np.ndarray
 # -- the evaluator ---------------------------------------------------------------------
 
 
-def _rows(task: str, split: str, converter, lengths, batch_size: int, max_rows: int | None):
-  """Eval batches of a split (prompts fitted to the lengths as in training), stopping once `max_rows` valid rows were served."""
-  served = 0
-  for batch in eval_lib.eval_batches(task, split, converter, lengths, batch_size):
-    if max_rows is not None:
-      batch["valid"] &= served + np.arange(len(batch["valid"])) < max_rows
-    if not batch["valid"].any():
-      return
-    served += int(batch["valid"].sum())
-    yield batch
-
-
 def _jitted(source, name: str, build):
   return scorer_lib.jitted_for(source.trainer, (id(source.model), name), build)
 
@@ -201,7 +189,7 @@ def evaluate(*, source, mixture_or_task_name: str, task_feature_lengths, splits,
     for task in evaluated:
       fam = family(task)
       targets, candidates, out = [], [], []
-      for batch in _rows(task, split, converter, task_feature_lengths, batch_size, max_rows):
+      for batch in eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size, max_rows):
         valid = batch["valid"]
         features = {"encoder_input_tokens": source.put(batch["encoder_input_tokens"])}
         if fam == "rating":
@@ -246,9 +234,10 @@ def evaluate(*, source, mixture_or_task_name: str, task_feature_lengths, splits,
 
 
 def infer(source, mixture_or_task_name: str, task_feature_lengths, path, *, split: str, top_k: int,
-          batch_size: int) -> int:
-  """Writes, per row of each retrieval / ranking task, the `top_k` beams' texts and the
-  items they name (invalid and repeated beams skipped) as JSON lines; returns the rows."""
+          batch_size: int, max_rows: int | None = None) -> int:
+  """Writes, per row of each retrieval / ranking task (its first `max_rows`, or all), the
+  `top_k` beams' texts and the items they name (invalid and repeated beams skipped) as JSON
+  lines; returns the rows."""
   import json
   import seqio
   import recjax.tasks as tasks
@@ -267,7 +256,8 @@ def infer(source, mixture_or_task_name: str, task_feature_lengths, path, *, spli
   rows = 0
   with open(path, "w") as f:
     for task in names:
-      for batch in _rows(task, split, model.eval_feature_converter(), task_feature_lengths, batch_size, None):
+      for batch in eval_lib.eval_batches(task, split, model.eval_feature_converter(), task_feature_lengths,
+                                         batch_size, max_rows):
         seqs, scores = jax.device_get(beams_fn(source.params, {"encoder_input_tokens": source.put(
             batch["encoder_input_tokens"])}))
         for r in np.flatnonzero(batch["valid"]):

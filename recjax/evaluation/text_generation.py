@@ -65,18 +65,15 @@ def reference_text(target: str) -> str:
   return target.split(" Text: ", 1)[-1] if target.startswith("ID:") else target
 
 
-def generated_rows(generate: Callable, batches, vocabulary, *, max_rows: int | None = None,
-                   put: Callable = np.asarray):
-  """Decodes every valid row of a task's split (the first `max_rows`, or all), yielding
+def generated_rows(generate: Callable, batches, vocabulary, *, put: Callable = np.asarray):
+  """Decodes every valid row of a task's split (eval_batches: all, or the first max_rows), yielding
   {"user_id", "prompt", "target", "target_rank", "items", "generated", "reference"}
   ("target" / "target_rank" / "items" on rows whose target names an item). One process."""
   if jax.process_count() > 1:
     raise NotImplementedError("text generation is evaluated in one process")
-  recommend, rows = None, 0
+  recommend = None
   for batch in batches:
     valid = np.asarray(batch["valid"])
-    if max_rows is not None:
-      valid &= np.arange(len(valid)) < max_rows - rows
     if not valid.any():
       break
     has_item = np.asarray(batch["item_target"])[valid] > 0
@@ -96,7 +93,6 @@ def generated_rows(generate: Callable, batches, vocabulary, *, max_rows: int | N
         ref = batch["targets_pretokenized"][r]
         record["reference"] = reference_text(ref.decode() if isinstance(ref, bytes) else str(ref))
       yield record
-    rows += int(valid.sum())
 
 
 def conversation(record: dict, titles: dict[int, str]) -> str:
@@ -123,8 +119,8 @@ def evaluate(*, generate: Callable, converter, vocabulary, mixture_or_task_name:
   for split in splits:
     pooled = []  # every recommended row of the mixture's tasks: one "split/items" line
     for task in eval_lib.eval_task_names(mixture_or_task_name):
-      batches = eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size)
-      rows = list(generated_rows(generate, batches, vocabulary, max_rows=max_rows, put=put))
+      batches = eval_lib.eval_batches(task, split, converter, task_feature_lengths, batch_size, max_rows)
+      rows = list(generated_rows(generate, batches, vocabulary, put=put))
       if not rows:
         continue
       prefix = f"{split}/{task}"
