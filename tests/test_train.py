@@ -587,6 +587,12 @@ def test_tiger_sigterm_checkpoints_at_the_stop_step_and_infer_writes_beams(tsid,
   rows = [json.loads(l) for l in (tmp_path / f"infer_test_step_{stopped}.jsonl").read_text().splitlines()]
   assert len(rows) == 300 and all(1 <= len(r["items"]) <= 5 for r in rows)
   assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
+  # max_rows: the split's first users only, the same rows as the full run's first ones.
+  first = tmp_path / "first.jsonl"
+  out = recjax("infer", *run, "--gin.infer_lib.infer.top_k=5", "--gin.infer_lib.infer.max_rows=7",
+               f"--gin.infer_lib.infer.output='{first}'", dataset=tsid)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert [json.loads(l) for l in first.read_text().splitlines()] == rows[:7]
 
 
 def test_tiger_refuses_semantic_ids_of_a_re_prepared_dataset(synthetic_raw, synthetic_prepared, tmp_path):
@@ -666,27 +672,47 @@ def test_flare_catalogue_scale_experiment_trains_and_evaluates(tsyn, tmp_path):
 
 
 def test_trainer_places_frozen_inputs_once_and_releases_the_host_copies():
-  """A catalogue-scale text-state table is GBs: once on the mesh, the trainer must not keep
-  the numpy copy alive beside it (host memory an accelerator run would waste)."""
-  import weakref
+  """A catalogue-scale text-state table is GBs: placed without a copy where the device is the
+  host (CPU), and not kept alive beside the device copy elsewhere."""
+  import jax
   from recjax.models import flare
+  from recjax.train import frozen as frozen_lib
   from recjax.train import loop, mesh as mesh_lib
   model = flare.Flare(vocab_size=40, max_length=8, dim=16, num_layers=1, num_heads=2, mlp_dim=32, text_dim=12,
                       num_latents=2, perceiver_dim=8, perceiver_heads=2, vocab_multiple=8)
   rng = np.random.default_rng(0)
-  states = rng.normal(size=(model.padded_vocab_size, 6, 12)).astype(np.float16)
+  # Padded as fetch pads the text cache's rows: 64-byte aligned.
+  states = frozen_lib._pad_rows(rng.normal(size=(30, 6, 12)).astype(np.float16), model.padded_vocab_size)
+  assert states.ctypes.data % frozen_lib.ALIGNMENT == 0 and not states[30:].any()
   mask = rng.uniform(size=(model.padded_vocab_size, 6)) < 0.8
-  host = weakref.ref(states)
   frozen = model.finish_frozen({"item_text": states, "item_text_mask": mask})
   trainer = loop.Trainer(model, mesh_lib.create_mesh(), mesh_lib.DEFAULT_RULES, frozen_inputs=frozen)
-  want = states.copy()
-  del states, frozen
-  assert host() is not None  # held by the trainer until placed
+  assert isinstance(trainer.frozen_inputs["item_text"][0], np.ndarray)  # host arrays until placed
   placed = trainer.frozen
-  # Freed, or alive only as the device buffer itself (JAX on CPU may alias aligned numpy).
-  alive = host()
-  assert alive is None or placed["item_text"].unsafe_buffer_pointer() == alive.ctypes.data
-  assert not any(isinstance(v, np.ndarray) for v, _ in trainer.frozen_inputs.values())
-  np.testing.assert_array_equal(np.asarray(placed["item_text"]), want)
+  np.testing.assert_array_equal(np.asarray(placed["item_text"]), states)
+  if jax.default_backend() == "cpu":  # aliased, not copied
+    assert placed["item_text"].unsafe_buffer_pointer() == states.ctypes.data
+  # The trainer now holds the device arrays only.
   assert trainer.frozen is placed and set(trainer.frozen_inputs) == {"item_text", "item_text_mask"}
   assert trainer.frozen_inputs["item_text"] == (placed["item_text"], ("item", None, None))
+  assert not any(isinstance(v, np.ndarray) for v, _ in trainer.frozen_inputs.values())
+
+
+def test_padded_text_rows_read_from_the_cache_file_equal_the_array(tmp_path):
+  """fetch pads the cache's memory-mapped states by reading the file into an aligned table
+  (the map's pages never count as resident); the rows equal the array's, also for a slice
+  of a map (copied through the map: a slice keeps its parent's file offset)."""
+  from recjax.train import frozen as frozen_lib
+  states = np.random.default_rng(0).normal(size=(37, 5, 7)).astype(np.float16)
+  np.save(tmp_path / "states.npy", states)
+  mapped = np.load(tmp_path / "states.npy", mmap_mode="r")
+  for x, want in ((mapped, states), (mapped[3:20], states[3:20]), (states, states)):
+    out = frozen_lib._pad_rows(x, 48)
+    assert out.shape == (48, 5, 7) and out.ctypes.data % frozen_lib.ALIGNMENT == 0
+    np.testing.assert_array_equal(out[:len(want)], want)
+    assert not out[len(want):].any()
+  (tmp_path / "short.npy").write_bytes((tmp_path / "states.npy").read_bytes()[:-10])
+  with pytest.raises(ValueError):  # numpy refuses to map a truncated file; either way, an error
+    frozen_lib._pad_rows(np.load(tmp_path / "short.npy", mmap_mode="r"), 48)
+  with pytest.raises(ValueError, match="text rows for a table of"):
+    frozen_lib._pad_rows(states, 30)
