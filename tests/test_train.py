@@ -664,6 +664,14 @@ def test_flare_catalogue_scale_experiment_trains_and_evaluates(tsyn, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   results = json.loads((tmp_path / "m" / "eval_step_4.json").read_text())["results"]
   assert sorted(results) == ["test/model", "test/popularity"] and results["test/model"]["count"] > 250
+  # The export ranks with the per-item text vectors it saved (Flare.inference_frozen), as
+  # the checkpoint's evaluation does: the same metrics.
+  out = recjax("export", *run, f"--gin.EXPORT_DIR='{tmp_path / 'e'}'", dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "frozen/item_context" in np.load(tmp_path / "e" / "params.npz").files
+  out = recjax("evaluate", *run, f"--exported={tmp_path / 'e'}", dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads((tmp_path / "e" / "eval_export.json").read_text())["results"] == results
   # The first 40 test users only (evaluators.ranking.max_rows), still over the whole catalogue.
   out = recjax("evaluate", *run, "--gin.evaluators.ranking.max_rows=40", dataset=tsyn)
   assert out.returncode == 0, out.stderr[-2000:]
