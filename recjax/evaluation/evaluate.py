@@ -67,7 +67,6 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
   it = ds.batch(local).prefetch(4).as_numpy_iterator()
   every = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
   report = jax.process_index() == 0 and num_batches > 1
-  start = last = time.perf_counter()
   printed = False  # a closing line (rate over the whole split) only after progress lines
   for i in range(num_batches):
     batch = next(it, None) or empty
@@ -79,7 +78,7 @@ def eval_batches(mixture_or_task_name: str, split: str, converter, task_feature_
     yield batch
     now = time.perf_counter()
     if i == 0:
-      start = last = now  # the rate leaves out the first batch (compilation)
+      start = last = now  # clocks start after the first batch: the rate leaves out compilation
     elif report and (now - last >= every or (printed and i == num_batches - 1)):
       last, printed, rate = now, True, i / max(now - start, 1e-9)  # batches after the first, per second
       rows = min((i + 1) * batch_size, total)
