@@ -259,3 +259,62 @@ def test_critique_batches_do_not_read_the_item_context_table():
       jax.random.key(5), (model.padded_vocab_size, 16))))
   np.testing.assert_array_equal(np.asarray(model.queries(net, bogus)), np.asarray(want))
   assert flare.Flare(vocab_size=40, use_text=False).inference_frozen(None, {}) == {}
+
+
+def _next_item_model_and_batch(use_text=True):
+  """FlareSASRec on a packed next-item batch: row 0 holds two sequences, row 1 one."""
+  model, batch = _model_and_batch(with_critiques=False)
+  kwargs = {k: v for k, v in model.__dict__.items() if k not in ("causal", "max_predictions_fraction")}
+  model = flare.FlareSASRec(**{**kwargs, "use_text": use_text})
+  inputs = np.array([[5, 6, 7, 21, 22, 0, 0, 0], [11, 12, 13, 14, 15, 16, 17, 0]], np.int32)
+  targets = np.array([[6, 7, 8, 22, 23, 0, 0, 0], [12, 13, 14, 15, 16, 17, 18, 0]], np.int32)
+  segs = np.array([[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]], np.int32)
+  positions = np.array([[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 3, 4, 5, 6, 0]], np.int32)
+  batch = dict(batch, inputs=inputs, targets=targets, weights=(segs > 0).astype(np.float32),
+               segment_ids=segs, positions=positions)
+  return model, batch
+
+
+def test_flare_sasrec_without_text_is_sasrec():
+  """use_text=False is SASRec+ itself: the same parameters, loss and queries."""
+  from recjax.models import sasrec
+  model, batch = _next_item_model_and_batch(use_text=False)
+  plain = sasrec.SASRec(**{k: getattr(model, k) for k in (
+      "vocab_size", "max_length", "dim", "num_layers", "num_heads", "mlp_dim", "dropout",
+      "attention_dropout", "vocab_multiple")})
+  a, b = model.network(nnx.Rngs(0)), plain.network(nnx.Rngs(0))
+  assert jax.tree.structure(nnx.state(a, nnx.Param)) == jax.tree.structure(nnx.state(b, nnx.Param))
+  (la, ma), (lb, mb) = model.loss_fn(a, batch, None), plain.loss_fn(b, batch, None)
+  assert float(la) == pytest.approx(float(lb), rel=1e-6)
+  assert float(ma["targets"]) == float(mb["targets"]) == 12.0  # every non-padding position
+
+
+def test_flare_sasrec_trains_text_at_every_position_and_reads_only_the_past():
+  model, batch = _next_item_model_and_batch()
+  assert model.causal and model.EVAL_QUERY_OFFSET == 1
+  assert type(model.feature_converter()).__name__ == "NextItemPackingConverter"
+  net = model.network(nnx.Rngs(0))
+  graphdef, params = nnx.split(net, nnx.Param)
+  loss_fn = lambda p: model.loss_fn(nnx.merge(graphdef, p), batch, jax.random.key(0))
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  assert np.isfinite(float(loss)) and float(metrics["targets"]) == 12.0
+  assert float(metrics["contrastive_count"]) == 12.0  # no masked inputs: every position
+  assert float(jnp.abs(grads["fuse"]["kernel"][...]).sum()) > 0
+  # Evaluation: the query at the last history item (position 2) never reads the MASK
+  # after it, nor the text of the item behind it.
+  ev = {"inputs": np.array([[5, 6, 7, 1, 0, 0, 0, 0]], np.int32), "segment_ids": np.array([[1] * 4 + [0] * 4], np.int32),
+        "positions": np.array([[0, 1, 2, 3, 0, 0, 0, 0]], np.int32), "mask_position": np.array([3], np.int32),
+        "frozen": batch["frozen"]}
+  want = model.queries(net, ev)
+  later = dict(ev, inputs=np.array([[5, 6, 7, 9, 0, 0, 0, 0]], np.int32))
+  np.testing.assert_array_equal(np.asarray(model.queries(net, later)), np.asarray(want))
+  # Its own history's text does move it.
+  moved = dict(ev, frozen=dict(ev["frozen"], item_text=ev["frozen"]["item_text"].at[6].add(1.0)))
+  assert np.abs(np.asarray(model.queries(net, moved) - want)).max() > 1e-4
+
+
+def test_flare_sasrec_refuses_critiques():
+  model, batch = _next_item_model_and_batch()
+  net = model.network(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="FlareSASRec cannot condition on critiques"):
+    model.loss_fn(net, dict(batch, critiques=np.ones_like(batch["inputs"])), None)

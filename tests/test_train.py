@@ -679,6 +679,32 @@ def test_flare_catalogue_scale_experiment_trains_and_evaluates(tsyn, tmp_path):
   assert first["test/model"]["count"] == first["test/popularity"]["count"] == 40
 
 
+def test_flare_sasrec_experiment_validates_evaluates_and_exports(tsyn, tmp_path):
+  """experiments/flare_sasrec_beauty.gin (FLARE's fusion trained as SASRec+, validation and
+  the best checkpoint) on the synthetic data: the export ranks like the checkpoint."""
+  run = ["--gin_file=experiments/flare_sasrec_beauty.gin", "--gin.MIXTURE_OR_TASK_NAME='tsyn_items'",
+         "--gin.TASK_FEATURE_LENGTHS={'items': 20}", "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=6",
+         "--gin.EVAL_EVERY=3", "--gin.flare.FlareSASRec.max_length=20",
+         f"--gin.flare.FlareSASRec.text_cache_dir='{tmp_path / 'cache'}'", f"--gin.MODEL_DIR={tmp_path / 'm'}",
+         "--gin.eval_lib.evaluate.splits=('test',)"]
+  out = recjax("train", *run, dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in log if "validation" in r] == [3, 6]
+  assert "flare.FlareSASRec" in (tmp_path / "m" / "config.gin").read_text()
+  out = recjax("evaluate", *run, dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  (path,) = (tmp_path / "m").glob("eval_*.json")
+  results = json.loads(path.read_text())["results"]
+  assert results["test/model"]["count"] > 250
+  out = recjax("export", *run, f"--gin.EXPORT_DIR='{tmp_path / 'e'}'", dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "frozen/item_context" in np.load(tmp_path / "e" / "params.npz").files
+  out = recjax("evaluate", *run, f"--exported={tmp_path / 'e'}", dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads((tmp_path / "e" / "eval_export.json").read_text())["results"] == results
+
+
 def test_trainer_places_frozen_inputs_once_and_releases_the_host_copies():
   """A catalogue-scale text-state table is GBs: placed without a copy where the device is the
   host (CPU), and not kept alive beside the device copy elsewhere."""

@@ -28,7 +28,7 @@ the weighted sum) and is ~6x fewer FLOPs than projecting every token of every po
 
 Ablations (gin): use_text=False (Flare ID: a tuned Bert4Rec), use_perceiver=False (mean
 pooled encoder output), alpha=1.0 (no contrastive loss), causal=True (no bidirectional
-attention).
+attention). `FlareSASRec` is the same fusion trained as SASRec+ (next item at every position).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from flax import nnx
 from recjax.models import base
 from recjax.models import bert4rec
 from recjax.models import layers
+from recjax.models import sasrec
 
 MASK_ID = bert4rec.MASK_ID
 # Items per step of `Flare.inference_frozen` (bounds its gathered token states: at 24 x 384
@@ -398,6 +399,27 @@ class Flare(bert4rec.Bert4Rec):
     w = valid.astype(jnp.float32)
     count = jnp.maximum(w.sum(), 1.0)
     return 0.5 * jnp.sum((rows + cols) * w) / count, w.sum()
+
+
+@dataclasses.dataclass
+class FlareSASRec(sasrec.SASRec, Flare):
+  """FLARE's text fusion under SASRec+'s objective: causal attention, the next item as the
+  target at every position, full-catalogue cross-entropy plus FLARE's ID-text InfoNCE.
+
+  Each input position carries its own item's ID and fused text vector (there are no
+  masked inputs), so the text reaches every prefix of every sequence in one pass, where
+  the cloze model sees it through ~20% of the positions. Everything else is Flare's
+  (text tables, Perceiver, contrastive loss, per-item vectors at evaluation) or SASRec's
+  (converter, query at the last history item). use_text=False is SASRec+ itself.
+  """
+
+  def _context(self, net: FlareNetwork, batch, *, deterministic: bool, rngs=None):
+    if batch.get("critiques") is not None:
+      # The critique given with the target sits at the [MASK], which a causal query at the
+      # last history item never reads: the model would be silently unconditioned.
+      raise ValueError("FlareSASRec cannot condition on critiques (its causal query never reads the "
+                       "target step's critique); train critique tasks with flare.Flare")
+    return super()._context(net, batch, deterministic=deterministic, rngs=rngs)
 
 
 def sentence_table(states: np.ndarray, mask: np.ndarray, chunk: int = 1024) -> np.ndarray:
