@@ -41,6 +41,20 @@ class GinError(ValueError):
   """A gin problem (missing binding, unknown name) reported as one sentence."""
 
 
+class Preempted(Exception):
+  """A training stage stopped at SIGTERM with its checkpoint saved: a pipeline of stages
+  (`recjax sweep`, `recjax main`) must stop there, not evaluate a half-trained model."""
+
+
+def train_stage(args, gin_bindings: list[str]) -> dict:
+  """`run_entrypoint("train", ...)` for commands that run more stages after it: raises
+  Preempted when the run stopped at SIGTERM (running it again resumes)."""
+  result = run_entrypoint("train", args, gin_bindings)
+  if result.get("preempted"):
+    raise Preempted(f"training was preempted at step {result['step']} (checkpoint saved)")
+  return result
+
+
 class Override(str):
   """A binding given on the command line (`flag` is how the user wrote it). Only these
   are checked for names nothing reads: gin silently accepts a macro no file uses."""

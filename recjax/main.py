@@ -634,7 +634,7 @@ def cmd_main(args) -> None:
   bindings = [f"MODEL_DIR = {str(work / 'model')!r}", f"EXPORT_DIR = {str(work / 'export')!r}",
               *args.gin_bindings]
   print(f"training {args.gin_file[0]}")
-  gin_cli.run_entrypoint("train", args, bindings)
+  gin_cli.train_stage(args, bindings)
   print("\nevaluating the checkpoint: full ranking, test and validation splits")
   result = gin_cli.run_entrypoint("evaluate", args, bindings)
   gin_cli.run_entrypoint("export", args, bindings)
@@ -665,7 +665,7 @@ def _main_flare(args, work: pathlib.Path) -> None:
   if args.flare_batch_size is not None:
     bindings.append(f"BATCH_SIZE = {args.flare_batch_size}")
   print(f"\ntraining FLARE with critiques: {args.flare_gin_file}")
-  gin_cli.run_entrypoint("train", args, bindings)
+  gin_cli.train_stage(args, bindings)
   print("\ncritiquing evaluation: the target's own category path (precise: 4 levels, broad: 2) "
         "or none at the [MASK]")
   gin_cli.run_entrypoint("critique", args, bindings)
@@ -684,7 +684,7 @@ def _main_lumen(args, work: pathlib.Path) -> None:
   args.gin_file, args.exported = ["experiments/quickstart_lumen.gin"], None
   bindings = [f"MODEL_DIR = {str(work / 'lumen')!r}", f"TRAIN_STEPS = {args.lumen_steps}"]
   print(f"\ntraining LUMEN ({args.lumen_steps} steps): next item + endorsement in one LM, critiques in the prompt")
-  gin_cli.run_entrypoint("train", args, bindings)
+  gin_cli.train_stage(args, bindings)
   result = gin_cli.run_entrypoint("evaluate", args, bindings)
   path = gin_cli.run_entrypoint("infer", args, bindings)
   rows = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
@@ -714,6 +714,10 @@ def main(argv=None) -> int:
   args.gin_bindings = gin_bindings
   try:
     args.func(args)
+  except gin_cli.Preempted as e:
+    # As `recjax train` after a SIGTERM: exit 0, the checkpoint kept; running again resumes.
+    print(f"recjax {args.command}: stopped: {e}; run the same command again to resume", flush=True)
+    return 0
   except (FormatError, UsageError, FileNotFoundError, ValueError, KeyError) as e:
     # KeyError's str() is the repr of its message; print the sentence itself.
     message = e.args[0] if isinstance(e, KeyError) and e.args else e

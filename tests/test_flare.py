@@ -318,3 +318,25 @@ def test_flare_sasrec_refuses_critiques():
   net = model.network(nnx.Rngs(0))
   with pytest.raises(ValueError, match="FlareSASRec cannot condition on critiques"):
     model.loss_fn(net, dict(batch, critiques=np.ones_like(batch["inputs"])), None)
+
+
+def test_zero_fuse_init_starts_as_the_id_model_and_the_text_still_learns():
+  """fuse_init_std=0: the fused text vector is zero at initialisation, so the first loss's
+  next-item part is SASRec+'s exactly; the projection's gradient is not zero."""
+  from recjax.models import sasrec
+  model, batch = _next_item_model_and_batch()
+  model = flare.FlareSASRec(**{**{k: v for k, v in model.__dict__.items() if k not in ("causal", "max_predictions_fraction")},
+                               "fuse_init_std": 0.0})
+  plain = sasrec.SASRec(**{k: getattr(model, k) for k in (
+      "vocab_size", "max_length", "dim", "num_layers", "num_heads", "mlp_dim", "dropout",
+      "attention_dropout", "vocab_multiple")})
+  net = model.network(nnx.Rngs(0))
+  assert float(jnp.abs(net.fuse.kernel[...]).max()) == 0.0
+  _, ours = model.loss_fn(net, batch, None)
+  _, theirs = plain.loss_fn(plain.network(nnx.Rngs(0)), batch, None)
+  assert float(ours["loss_sum"]) == pytest.approx(float(theirs["loss_sum"]), rel=1e-6)
+  graphdef, params = nnx.split(net, nnx.Param)
+  grads = jax.grad(lambda p: model.loss_fn(nnx.merge(graphdef, p), batch, jax.random.key(0))[0])(params)
+  assert float(jnp.abs(grads["fuse"]["kernel"][...]).sum()) > 0
+  with pytest.raises(ValueError, match="fuse_init_std"):
+    flare.Flare(vocab_size=40, fuse_init_std=-1.0)

@@ -267,6 +267,20 @@ def test_sigterm_leaves_a_checkpoint_at_the_stop_step(tsyn, tmp_path):
   _sigterm_checkpoints_at_the_stop_step(run, tsyn, tmp_path)
 
 
+def test_sigterm_stops_a_sweep_without_evaluating_the_preempted_seed(tsyn, tmp_path):
+  """A preempted seed is not a result: the sweep stops after its checkpoint, evaluates
+  nothing, starts no other seed and writes no sweep.json; running it again resumes."""
+  run = [*TINY, "--gin.TRAIN_STEPS=100000", "--gin.loop.train.checkpoint_every=10", f"--gin.MODEL_DIR={tmp_path}"]
+  proc = _popen(["sweep", *run, "--seeds", "0,1"], tsyn)
+  _wait_for_checkpoint(tmp_path / "seed_0", 10, proc)
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, output[-2000:]
+  assert "recjax sweep: stopped: training was preempted at step" in output, output[-2000:]
+  assert not (tmp_path / "sweep.json").exists() and not (tmp_path / "seed_1").exists()
+  assert not list((tmp_path / "seed_0").glob("eval_*.json"))
+
+
 # --- sharding ------------------------------------------------------------------------
 
 _SHARDING_SCRIPT = textwrap.dedent("""

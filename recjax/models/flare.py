@@ -171,7 +171,7 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
   def __init__(self, *, text_dim: int, use_text: bool, use_perceiver: bool, num_latents: int,
                perceiver_layers: int, perceiver_heads: int, perceiver_dim: int, rngs: nnx.Rngs,
                project_tables: str = "auto", project_max_rows: int = 4096, output_text: bool = False,
-               **kwargs):
+               fuse_init_std: float = 0.02, **kwargs):
     super().__init__(rngs=rngs, **kwargs)
     self.use_text, self.use_perceiver = use_text, use_perceiver
     self.project_tables, self.project_max_rows = project_tables, project_max_rows
@@ -195,9 +195,10 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
           PerceiverLayer(perceiver_dim, text_dim, perceiver_heads, rngs=rngs, dtype=dtype,
                          dropout=kwargs["attention_dropout"]) for _ in range(perceiver_layers)])
       self.perceiver_norm = layers.layer_norm(perceiver_dim, rngs=rngs, eps=1e-6)
-      self.fuse = layers.dense(num_latents * perceiver_dim, dim, ("latents_embed", "embed"), rngs=rngs, dtype=dtype)
+      self.fuse = layers.dense(num_latents * perceiver_dim, dim, ("latents_embed", "embed"), rngs=rngs, dtype=dtype,
+                               std=fuse_init_std)
     else:
-      self.fuse = layers.dense(text_dim, dim, ("text_embed", "embed"), rngs=rngs, dtype=dtype)
+      self.fuse = layers.dense(text_dim, dim, ("text_embed", "embed"), rngs=rngs, dtype=dtype, std=fuse_init_std)
 
   def text_context(self, inputs, critiques, frozen, *, deterministic: bool, rngs=None):
     """The fused text vector [B, L, D] of every position (before adding e_k)."""
@@ -257,9 +258,15 @@ class Flare(bert4rec.Bert4Rec):
   # Score against e_k + W s_k (s_k: the item text's mean-pooled, normalised encoder states)
   # instead of e_k alone; the ID-text InfoNCE still aligns e_k itself.
   output_text: bool = False
+  # Initial std of the fusion's output projection. At 0.02 the fused text vector starts
+  # ~20x the item-ID embedding (itself 0.02 per dim) and swamps it in the input's layer
+  # norm; 0.0 starts the network as its ID-only counterpart and lets the text grow in.
+  fuse_init_std: float = 0.02
 
   def __post_init__(self):
     super().__post_init__()
+    if self.fuse_init_std < 0:
+      raise ValueError(f"Flare.fuse_init_std must be >= 0, got {self.fuse_init_std}")
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"Flare.alpha must be in [0, 1], got {self.alpha}")
     if self.temperature <= 0:
@@ -277,7 +284,8 @@ class Flare(bert4rec.Bert4Rec):
                         use_perceiver=self.use_perceiver, num_latents=self.num_latents,
                         perceiver_layers=self.perceiver_layers, perceiver_heads=self.perceiver_heads,
                         perceiver_dim=self.perceiver_dim, project_tables=self.project_tables,
-                        project_max_rows=self.project_max_rows, output_text=self.output_text, rngs=rngs)
+                        project_max_rows=self.project_max_rows, output_text=self.output_text,
+                        fuse_init_std=self.fuse_init_std, rngs=rngs)
 
   # -- frozen text states ---------------------------------------------------------------
 
