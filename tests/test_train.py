@@ -662,6 +662,17 @@ def test_a_sparse_optimizer_checkpoint_evaluates(tsyn, tmp_path):
   assert json.loads((tmp_path / "eval_step_4.json").read_text())["results"]["test/model"]["count"] > 250
 
 
+def _flare_export_ranks_like_the_checkpoint(run, tsyn, export_dir, results):
+  """The export ranks with the per-item text vectors it saved (Flare.inference_frozen), as
+  the checkpoint's evaluation does: the same metrics."""
+  out = recjax("export", *run, f"--gin.EXPORT_DIR='{export_dir}'", dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "frozen/item_context" in np.load(export_dir / "params.npz").files
+  out = recjax("evaluate", *run, f"--exported={export_dir}", dataset=tsyn)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads((export_dir / "eval_export.json").read_text())["results"] == results
+
+
 def test_flare_catalogue_scale_experiment_trains_and_evaluates(tsyn, tmp_path):
   """experiments/flare_clothing.gin (sampled softmax, lazy row Adam, frozen MiniLM text) on
   a small dataset: the sparse path with the text tables trains, and full ranking evaluates."""
@@ -678,14 +689,7 @@ def test_flare_catalogue_scale_experiment_trains_and_evaluates(tsyn, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   results = json.loads((tmp_path / "m" / "eval_step_4.json").read_text())["results"]
   assert sorted(results) == ["test/model", "test/popularity"] and results["test/model"]["count"] > 250
-  # The export ranks with the per-item text vectors it saved (Flare.inference_frozen), as
-  # the checkpoint's evaluation does: the same metrics.
-  out = recjax("export", *run, f"--gin.EXPORT_DIR='{tmp_path / 'e'}'", dataset=tsyn)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert "frozen/item_context" in np.load(tmp_path / "e" / "params.npz").files
-  out = recjax("evaluate", *run, f"--exported={tmp_path / 'e'}", dataset=tsyn)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert json.loads((tmp_path / "e" / "eval_export.json").read_text())["results"] == results
+  _flare_export_ranks_like_the_checkpoint(run, tsyn, tmp_path / "e", results)
   # The first 40 test users only (evaluators.ranking.max_rows), still over the whole catalogue.
   out = recjax("evaluate", *run, "--gin.evaluators.ranking.max_rows=40", dataset=tsyn)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -711,12 +715,7 @@ def test_flare_sasrec_experiment_validates_evaluates_and_exports(tsyn, tmp_path)
   (path,) = (tmp_path / "m").glob("eval_*.json")
   results = json.loads(path.read_text())["results"]
   assert results["test/model"]["count"] > 250
-  out = recjax("export", *run, f"--gin.EXPORT_DIR='{tmp_path / 'e'}'", dataset=tsyn)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert "frozen/item_context" in np.load(tmp_path / "e" / "params.npz").files
-  out = recjax("evaluate", *run, f"--exported={tmp_path / 'e'}", dataset=tsyn)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert json.loads((tmp_path / "e" / "eval_export.json").read_text())["results"] == results
+  _flare_export_ranks_like_the_checkpoint(run, tsyn, tmp_path / "e", results)
 
 
 def test_trainer_places_frozen_inputs_once_and_releases_the_host_copies():
