@@ -6,8 +6,9 @@ order of the training batches) and is then evaluated by the experiment's own eva
 process, one after another, as `recjax main` runs its stages; a seed whose run finished
 is not trained again (training resumes from MODEL_DIR/seed_N), so a sweep interrupted at
 any point continues where it stopped when run again. A SIGTERM ends the sweep after the
-running seed's checkpoint: that seed is not evaluated and the sweep goes no further. MODEL_DIR/sweep.json holds every
-seed's metrics and their mean, sample standard deviation (n - 1), min and max.
+running seed's checkpoint: that seed is not evaluated and the sweep goes no further.
+MODEL_DIR/sweep.json holds every seed's metrics and their mean, sample standard deviation
+(n - 1), min and max.
 On a pod, launch each seed as its own job with --gin.SEED and --gin.MODEL_DIR instead.
 """
 
