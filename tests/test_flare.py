@@ -261,11 +261,11 @@ def test_critique_batches_do_not_read_the_item_context_table():
   assert flare.Flare(vocab_size=40, use_text=False).inference_frozen(None, {}) == {}
 
 
-def _next_item_model_and_batch(use_text=True):
+def _next_item_model_and_batch(**overrides):
   """FlareSASRec on a packed next-item batch: row 0 holds two sequences, row 1 one."""
   model, batch = _model_and_batch(with_critiques=False)
   kwargs = {k: v for k, v in model.__dict__.items() if k not in ("causal", "max_predictions_fraction")}
-  model = flare.FlareSASRec(**{**kwargs, "use_text": use_text})
+  model = flare.FlareSASRec(**{**kwargs, **overrides})
   inputs = np.array([[5, 6, 7, 21, 22, 0, 0, 0], [11, 12, 13, 14, 15, 16, 17, 0]], np.int32)
   targets = np.array([[6, 7, 8, 22, 23, 0, 0, 0], [12, 13, 14, 15, 16, 17, 18, 0]], np.int32)
   segs = np.array([[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]], np.int32)
@@ -275,18 +275,34 @@ def _next_item_model_and_batch(use_text=True):
   return model, batch
 
 
-def test_flare_sasrec_without_text_is_sasrec():
-  """use_text=False is SASRec+ itself: the same parameters, loss and queries."""
+def _sasrec_twin(model):
+  """The SASRec+ with `model`'s network hyper-parameters."""
   from recjax.models import sasrec
-  model, batch = _next_item_model_and_batch(use_text=False)
-  plain = sasrec.SASRec(**{k: getattr(model, k) for k in (
+  return sasrec.SASRec(**{k: getattr(model, k) for k in (
       "vocab_size", "max_length", "dim", "num_layers", "num_heads", "mlp_dim", "dropout",
       "attention_dropout", "vocab_multiple")})
+
+
+def _eval_batch(frozen, inputs=(5, 6, 7, 1)):
+  """One history + MASK row (length 8) of the evaluation converter's layout."""
+  n = len(inputs)
+  return {"inputs": np.array([[*inputs] + [0] * (8 - n)], np.int32),
+          "segment_ids": np.array([[1] * n + [0] * (8 - n)], np.int32),
+          "positions": np.array([list(range(n)) + [0] * (8 - n)], np.int32),
+          "mask_position": np.array([n - 1], np.int32), "frozen": frozen}
+
+
+def test_flare_sasrec_without_text_is_sasrec():
+  """use_text=False is SASRec+ itself: the same parameters, loss and queries."""
+  model, batch = _next_item_model_and_batch(use_text=False)
+  plain = _sasrec_twin(model)
   a, b = model.network(nnx.Rngs(0)), plain.network(nnx.Rngs(0))
   assert jax.tree.structure(nnx.state(a, nnx.Param)) == jax.tree.structure(nnx.state(b, nnx.Param))
   (la, ma), (lb, mb) = model.loss_fn(a, batch, None), plain.loss_fn(b, batch, None)
   assert float(la) == pytest.approx(float(lb), rel=1e-6)
   assert float(ma["targets"]) == float(mb["targets"]) == 12.0  # every non-padding position
+  ev = _eval_batch(batch["frozen"])
+  np.testing.assert_allclose(np.asarray(model.queries(a, ev)), np.asarray(plain.queries(b, ev)), rtol=1e-6)
 
 
 def test_flare_sasrec_trains_text_at_every_position_and_reads_only_the_past():
@@ -302,11 +318,9 @@ def test_flare_sasrec_trains_text_at_every_position_and_reads_only_the_past():
   assert float(jnp.abs(grads["fuse"]["kernel"][...]).sum()) > 0
   # Evaluation: the query at the last history item (position 2) never reads the MASK
   # after it, nor the text of the item behind it.
-  ev = {"inputs": np.array([[5, 6, 7, 1, 0, 0, 0, 0]], np.int32), "segment_ids": np.array([[1] * 4 + [0] * 4], np.int32),
-        "positions": np.array([[0, 1, 2, 3, 0, 0, 0, 0]], np.int32), "mask_position": np.array([3], np.int32),
-        "frozen": batch["frozen"]}
+  ev = _eval_batch(batch["frozen"])
   want = model.queries(net, ev)
-  later = dict(ev, inputs=np.array([[5, 6, 7, 9, 0, 0, 0, 0]], np.int32))
+  later = _eval_batch(batch["frozen"], inputs=(5, 6, 7, 9))
   np.testing.assert_array_equal(np.asarray(model.queries(net, later)), np.asarray(want))
   # Its own history's text does move it.
   moved = dict(ev, frozen=dict(ev["frozen"], item_text=ev["frozen"]["item_text"].at[6].add(1.0)))
@@ -323,13 +337,8 @@ def test_flare_sasrec_refuses_critiques():
 def test_zero_fuse_init_starts_as_the_id_model_and_the_text_still_learns():
   """fuse_init_std=0: the fused text vector is zero at initialisation, so the first loss's
   next-item part is SASRec+'s exactly; the projection's gradient is not zero."""
-  from recjax.models import sasrec
-  model, batch = _next_item_model_and_batch()
-  model = flare.FlareSASRec(**{**{k: v for k, v in model.__dict__.items() if k not in ("causal", "max_predictions_fraction")},
-                               "fuse_init_std": 0.0})
-  plain = sasrec.SASRec(**{k: getattr(model, k) for k in (
-      "vocab_size", "max_length", "dim", "num_layers", "num_heads", "mlp_dim", "dropout",
-      "attention_dropout", "vocab_multiple")})
+  model, batch = _next_item_model_and_batch(fuse_init_std=0.0)
+  plain = _sasrec_twin(model)
   net = model.network(nnx.Rngs(0))
   assert float(jnp.abs(net.fuse.kernel[...]).max()) == 0.0
   _, ours = model.loss_fn(net, batch, None)
