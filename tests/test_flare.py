@@ -101,21 +101,29 @@ def test_projected_tables_train_like_gathered_ones():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
 
 
+def _text_tables(model, with_critiques=True):
+  """Random token states and masks of every item (rows PAD and MASK empty) and critique."""
+  rng = np.random.default_rng(0)
+  v = model.padded_vocab_size
+  tables = {"item_text": rng.normal(size=(v, 6, 12)).astype(np.float32),
+            "item_text_mask": rng.uniform(size=(v, 6)) < 0.8}
+  tables["item_text"][:2] = 0.0
+  tables["item_text_mask"][:2] = False
+  if with_critiques:
+    tables["critique_text"] = rng.normal(size=(5, 4, 12)).astype(np.float32)
+    tables["critique_text_mask"] = np.ones((5, 4), bool)
+    tables["critique_text_mask"][0] = False
+  return tables
+
+
 def _model_and_batch(use_perceiver=True, alpha=0.5, with_critiques=True):
   model = flare.Flare(vocab_size=40, max_length=8, dim=16, num_layers=1, num_heads=2, mlp_dim=32,
                       text_dim=12, use_perceiver=use_perceiver, alpha=alpha, num_latents=3,
                       perceiver_dim=8, perceiver_heads=2, dropout=0.0, attention_dropout=0.0,
                       vocab_multiple=8, contrastive_positions=16)
-  rng = np.random.default_rng(0)
-  v = model.padded_vocab_size
-  frozen = {"item_text": rng.normal(size=(v, 6, 12)).astype(np.float32),
-            "item_text_mask": rng.uniform(size=(v, 6)) < 0.8}
-  frozen["item_text"][:2] = 0.0
-  frozen["item_text_mask"][:2] = False
-  if with_critiques:
-    frozen["critique_text"] = rng.normal(size=(5, 4, 12)).astype(np.float32)
-    frozen["critique_text_mask"] = np.ones((5, 4), bool)
-    frozen["critique_text_mask"][0] = False
+  # The frozen inputs as the trainer places them (finish_frozen: the pooled model reads
+  # per-row token sums instead of the token states).
+  frozen = {k: v for k, (v, _) in model.finish_frozen(_text_tables(model, with_critiques)).items()}
   inputs = np.array([[5, 1, 7, 9, 0, 0, 0, 0], [11, 12, 1, 13, 14, 15, 0, 0]], np.int32)
   targets = np.array([[5, 6, 7, 9, 0, 0, 0, 0], [11, 12, 20, 13, 14, 15, 0, 0]], np.int32)
   segs = (inputs > 0).astype(np.int32)
@@ -125,6 +133,27 @@ def _model_and_batch(use_perceiver=True, alpha=0.5, with_critiques=True):
   if with_critiques:
     batch["critiques"] = np.array([[1, 2, 2, 3, 0, 0, 0, 0], [4, 4, 1, 0, 2, 3, 0, 0]], np.int32)
   return model, batch
+
+
+def test_pooled_text_is_the_typed_mean_of_every_token_a_position_reads():
+  """use_perceiver=False reads per-row token sums and counts (finish_frozen), never the
+  token states: the result must equal the mean over the item's real tokens (the learned
+  token at a [MASK]) and the critique's, each plus its type embedding."""
+  model, batch = _model_and_batch(use_perceiver=False)
+  assert {"item_text", "item_text_mask", "critique_text"}.isdisjoint(batch["frozen"])
+  net = model.network(nnx.Rngs(0))
+  got = net.text_context(batch["inputs"], batch["critiques"], batch["frozen"], deterministic=True)
+  raw = _text_tables(model)
+  types, mask_token = np.asarray(net.text_types[...]), np.asarray(net.text_mask_token[...])
+  want = np.zeros((*batch["inputs"].shape, 12), np.float32)
+  for b, l in np.ndindex(*batch["inputs"].shape):
+    item, crit = batch["inputs"][b, l], batch["critiques"][b, l]
+    tokens = [x + types[0] for x in raw["item_text"][item][raw["item_text_mask"][item]]]
+    tokens += [mask_token + types[0]] if item == 1 else []
+    tokens += [x + types[1] for x in raw["critique_text"][crit][raw["critique_text_mask"][crit]]] if crit else []
+    want[b, l] = np.mean(tokens, 0) if tokens else 0.0
+  assert (want != 0).any(-1).sum() > 8  # items, [MASK]s and critiques all present
+  np.testing.assert_allclose(np.asarray(got), np.asarray(net.fuse(jnp.asarray(want))), atol=1e-5)
 
 
 @pytest.mark.parametrize("use_perceiver", [True, False])

@@ -203,6 +203,8 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
   def text_context(self, inputs, critiques, frozen, *, deterministic: bool, rngs=None):
     """The fused text vector [B, L, D] of every position (before adding e_k)."""
     dt = self.dtype
+    if not self.use_perceiver:  # ablation: the mean of the (typed) token states
+      return self.fuse(pooled_text(inputs, critiques, frozen, self.text_mask_token[...], self.text_types[...], dt))
     is_mask = inputs == MASK_ID
     # Rows PAD and MASK of the item-text table are empty; a masked position sees one
     # learned token in place of its item's text.
@@ -211,16 +213,6 @@ class FlareNetwork(bert4rec.Bert4RecNetwork):
     if critiques is not None and "critique_text" in frozen:
       crit_mask = frozen["critique_text_mask"][critiques] & (critiques > 0)[..., None]
       parts.append((Rows(frozen["critique_text"], critiques), crit_mask, self.text_types[1]))
-    if not self.use_perceiver:  # ablation: mean of the (typed) token states
-      total, count = 0.0, 0.0
-      for states, mask, theta in parts:
-        states = states.gather(dt) if isinstance(states, Rows) else states
-        w = mask.astype(dt)
-        x = jnp.einsum("blt,tD->blD", w, states.astype(dt)) if states.ndim == 2 else jnp.einsum(
-            "blt,bltD->blD", w, states)
-        total += x + w.sum(-1, keepdims=True) * theta.astype(dt)
-        count += w.sum(-1, keepdims=True)
-      return self.fuse(total / jnp.maximum(count, 1.0))
     x = self.latents[...].astype(dt)
     for layer in self.perceiver:
       x = layer(x, parts, deterministic=deterministic, rngs=rngs, project_tables=self.project_tables,
@@ -315,8 +307,16 @@ class Flare(bert4rec.Bert4Rec):
     arrays["item_text_mask"][:bert4rec.NUM_RESERVED] = False
     if self.output_text:
       arrays["item_sentence"] = sentence_table(arrays["item_text"], arrays["item_text_mask"])
+    if not self.use_perceiver:
+      # The pooled fusion reads per-row token sums only (pooled_text): the [V, T, Dt]
+      # token states never reach the device, and a step gathers T times less.
+      for name in ("item_text", "critique_text"):
+        if name in arrays:
+          arrays[f"{name}_sum"], arrays[f"{name}_count"] = token_sums(arrays.pop(name), arrays.pop(f"{name}_mask"))
     axes = {"item_text": ("item", None, None), "item_text_mask": ("item", None),
             "critique_text": (None, None, None), "critique_text_mask": (None, None),
+            "item_text_sum": ("item", None), "item_text_count": ("item",),
+            "critique_text_sum": (None, None), "critique_text_count": (None,),
             "item_sentence": ("item", None)}
     return {k: (v, axes[k]) for k, v in arrays.items()}
 
@@ -338,7 +338,7 @@ class Flare(bert4rec.Bert4Rec):
     every position: 376K items instead of 1.2M users x 50 positions at Clothing scale."""
     if not self.use_text:
       return {}
-    rows = frozen["item_text"].shape[0]
+    rows = frozen["item_text" if self.use_perceiver else "item_text_sum"].shape[0]
     chunk = min(CONTEXT_CHUNK, rows)
     ids = jnp.arange(-(-rows // chunk) * chunk, dtype=jnp.int32) % rows  # wrapped ids pad the last chunk
     context = jax.lax.map(lambda c: net.text_context(c[:, None], None, frozen, deterministic=True)[:, 0],
@@ -430,18 +430,42 @@ class FlareSASRec(sasrec.SASRec, Flare):
     return super()._context(net, batch, deterministic=deterministic, rngs=rngs)
 
 
-def sentence_table(states: np.ndarray, mask: np.ndarray, chunk: int = 1024) -> np.ndarray:
-  """[V, Dt] float32: each row's mean over its real tokens, L2-normalised (the
-  sentence-transformers pooling); rows without tokens (PAD, MASK, padding) are zero.
+def pooled_text(inputs, critiques, frozen: dict, mask_token, types, dtype):
+  """[B, L, Dt]: the mean of every text token a position reads (its item's; the learned
+  mask token at a [MASK]; its critique's), each plus its type embedding (theta_T, theta_S).
+  It reads the per-row token sums and counts of `token_sums`, so a step gathers [B, L, Dt]
+  instead of the [B, L, T, Dt] token states."""
+  item_n = frozen["item_text_count"][inputs].astype(dtype)[..., None]
+  is_mask = (inputs == MASK_ID).astype(dtype)[..., None]
+  count = item_n + is_mask
+  total = frozen["item_text_sum"][inputs].astype(dtype) + is_mask * mask_token.astype(dtype) + count * types[0].astype(dtype)
+  if critiques is not None and "critique_text_sum" in frozen:
+    given = (critiques > 0).astype(dtype)[..., None]
+    crit_n = given * frozen["critique_text_count"][critiques].astype(dtype)[..., None]
+    total += given * frozen["critique_text_sum"][critiques].astype(dtype) + crit_n * types[1].astype(dtype)
+    count += crit_n
+  return total / jnp.maximum(count, 1.0)
+
+
+def token_sums(states: np.ndarray, mask: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+  """([V, Dt], [V]) float32: each row's sum over its real tokens, and their number.
   Chunked: the float32 copy of a memory-mapped [V, T, Dt] cache never exists at once."""
-  out = np.zeros((states.shape[0], states.shape[-1]), np.float32)
+  sums = np.zeros((states.shape[0], states.shape[-1]), np.float32)
+  counts = np.zeros(states.shape[0], np.float32)
   for start in range(0, states.shape[0], chunk):
     w = np.asarray(mask[start:start + chunk], np.float32)
-    mean = np.einsum("vtd,vt->vd", np.asarray(states[start:start + chunk], np.float32), w)
-    mean /= np.maximum(w.sum(1, keepdims=True), 1.0)
-    norm = np.linalg.norm(mean, axis=-1, keepdims=True)
-    out[start:start + chunk] = np.where(norm > 0, mean / np.maximum(norm, 1e-12), 0.0)
-  return out
+    sums[start:start + chunk] = np.einsum("vtd,vt->vd", np.asarray(states[start:start + chunk], np.float32), w)
+    counts[start:start + chunk] = w.sum(1)
+  return sums, counts
+
+
+def sentence_table(states: np.ndarray, mask: np.ndarray, chunk: int = 1024) -> np.ndarray:
+  """[V, Dt] float32: each row's mean over its real tokens, L2-normalised (the
+  sentence-transformers pooling); rows without tokens (PAD, MASK, padding) are zero."""
+  sums, counts = token_sums(states, mask, chunk)
+  mean = sums / np.maximum(counts[:, None], 1.0)
+  norm = np.linalg.norm(mean, axis=-1, keepdims=True)
+  return np.where(norm > 0, mean / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
 
 
 def _negatives_rng(rng):
