@@ -162,6 +162,41 @@ def test_loss_scores_every_position():
   assert np.isfinite(float(loss))
 
 
+@pytest.mark.parametrize("loss", ["full", "chunked"])
+def test_loss_can_leave_each_positions_history_out_of_its_softmax(loss):
+  """loss_excludes_history: each position's cross-entropy is the dense one with the ids its
+  segment has read so far (the target excepted, repeats once) set to -inf; other segments'
+  items and later items stay in. Checked against that dense reference per position."""
+  model, net = _tiny(loss=loss, loss_chunk=16, loss_excludes_history=True)
+  plain, _ = _tiny(loss=loss, loss_chunk=16)
+  # Row 0: item 6 repeats; its second occurrence is also a target (6 -> 7 -> 6 -> 8).
+  rows = _convert([[5, 6, 7, 6, 8], [10, 11, 5]], length=8, pack=True)
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+  loss_value, metrics = model.loss_fn(net, batch, None)
+  inputs, targets = np.asarray(batch["inputs"]).ravel(), np.asarray(batch["targets"]).ravel()
+  segs = np.asarray(batch["segment_ids"]).ravel()
+  hidden = model.hidden(net, batch, deterministic=True).reshape(len(inputs), -1)
+  table, bias = model.output_table(net)
+  logits = np.asarray(net.query(hidden) @ table.T + bias, np.float64)
+  logits[:, :2] = logits[:, model.vocab_size:] = -np.inf  # PAD, MASK and padding rows
+  want = []
+  for p in np.flatnonzero(segs):
+    read = {int(inputs[q]) for q in range(p + 1) if segs[q] == segs[p]} - {int(targets[p])}
+    row = logits[p].copy()
+    row[sorted(read)] = -np.inf
+    want.append(np.logaddexp.reduce(row) - row[targets[p]])
+  assert float(metrics["targets"]) == len(want) == 6
+  np.testing.assert_allclose(float(loss_value), np.mean(want), rtol=1e-5)
+  # Leaving items out only lowers the loss; here every position had something to leave out.
+  assert float(loss_value) < float(plain.loss_fn(net, batch, None)[0])
+
+
+def test_history_exclusion_refuses_a_sampled_loss():
+  from recjax.models import sasrec
+  with pytest.raises(ValueError, match="loss_excludes_history needs the full or chunked loss"):
+    sasrec.SASRec(vocab_size=40, num_negatives=8, loss_excludes_history=True)
+
+
 def test_sampled_softmax_scores_the_target_against_shared_negatives():
   import jax
   from recjax.models import bert4rec

@@ -286,15 +286,21 @@ class Bert4Rec:
     return dict(lo=NUM_RESERVED, hi=self.vocab_size, num_negatives=self.num_negatives, sampler=self.negatives,
                 popularity_mix=self.popularity_mix, in_batch=self.in_batch_negatives, frozen=frozen)
 
-  def gather_targets(self, net: Bert4RecNetwork, hidden, batch):
-    """(queries [C, D], targets [C], weights [C]) of the loss positions, gathered into a
-    fixed capacity C; slots past the batch's targets have weight 0."""
+  def target_index(self, batch):
+    """(index [C], valid [C]): the flat positions of the batch's targets, in a fixed
+    capacity C; slots past the batch's targets are 0 and not valid."""
     weights = batch["weights"].reshape(-1)
     n = weights.shape[0]
     capacity = min(n, math.ceil(n * self.max_predictions_fraction) + 8)
     (index,) = jnp.nonzero(weights > 0, size=capacity, fill_value=0)
-    valid = (jnp.arange(capacity) < jnp.sum(weights > 0)).astype(jnp.float32)
-    return net.query(hidden.reshape(n, -1)[index]), batch["targets"].reshape(-1)[index], weights[index] * valid
+    return index, (jnp.arange(capacity) < jnp.sum(weights > 0)).astype(jnp.float32)
+
+  def gather_targets(self, net: Bert4RecNetwork, hidden, batch):
+    """(queries [C, D], targets [C], weights [C]) of the loss positions, gathered into a
+    fixed capacity C; slots past the batch's targets have weight 0."""
+    index, valid = self.target_index(batch)
+    return (net.query(hidden.reshape(batch["weights"].size, -1)[index]), batch["targets"].reshape(-1)[index],
+            batch["weights"].reshape(-1)[index] * valid)
 
   def cloze_loss(self, net: Bert4RecNetwork, hidden, batch, rng=None):
     """(loss, metrics) of the cloze objective given the hidden states [B, L, D]; `rng`
@@ -303,10 +309,12 @@ class Bert4Rec:
     nll, correct = self.output_loss(net, queries, targets, w, batch.get("frozen"), rng, batch.get("item_rows"))
     return self.loss_and_metrics(nll, correct, w, batch)
 
-  def output_loss(self, net: Bert4RecNetwork, queries, targets, w, frozen, rng, item_rows=None):
+  def output_loss(self, net: Bert4RecNetwork, queries, targets, w, frozen, rng, item_rows=None, excluded=None):
     """(nll [C], correct [C]) of the configured loss; without an rng (evaluation) a
     sampled loss falls back to the exact chunked one. `item_rows` (a sampled loss in a
-    step that differentiates gathered rows): the output table is read through it."""
+    step that differentiates gathered rows): the output table is read through it.
+    `excluded` [C, K] (full or chunked softmax): ids left out of each position's softmax
+    (losses.exclude_from_softmax); `correct` still compares against every item."""
     kind = self.train_loss
     if kind == "sampled" and rng is None:
       kind = "chunked"
@@ -314,11 +322,17 @@ class Bert4Rec:
       raise ValueError(f"the {kind} softmax reads the whole item table; gathered rows serve a sampled loss only")
     table, bias = self.output_table(net, frozen) if item_rows is None else net.item_table(item_rows)
     bounds = dict(lo=NUM_RESERVED, hi=self.vocab_size)
-    if kind == "full":
-      return losses.full_softmax_xent(queries, table, bias, targets, **bounds)
-    if kind == "chunked":
-      chunk = self.loss_chunk or max(256, (6400 * 256) // queries.shape[0])
-      return losses.chunked_softmax_xent(queries, table, bias, targets, chunk=chunk, **bounds)
+    if kind in ("full", "chunked"):
+      if kind == "full":
+        nll, correct = losses.full_softmax_xent(queries, table, bias, targets, **bounds)
+      else:
+        chunk = self.loss_chunk or max(256, (6400 * 256) // queries.shape[0])
+        nll, correct = losses.chunked_softmax_xent(queries, table, bias, targets, chunk=chunk, **bounds)
+      if excluded is not None:
+        nll = losses.exclude_from_softmax(nll, queries, table, bias, targets, excluded, **bounds)
+      return nll, correct
+    if excluded is not None:
+      raise ValueError("a sampled softmax cannot leave ids out of the catalogue's softmax; use the full or chunked loss")
     nll, correct, _ = losses.sampled_softmax_xent(queries, table, bias, targets, w, rng, **self._sampling(frozen))
     return nll, correct
 

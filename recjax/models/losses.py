@@ -54,6 +54,24 @@ def full_softmax_xent(queries, table, bias, targets, *, lo: int, hi: int):
   return nll, correct
 
 
+def exclude_from_softmax(nll, queries, table, bias, targets, excluded, *, lo: int, hi: int):
+  """nll [P] of a softmax over ids [lo, hi) turned into one over those ids minus `excluded`
+  [P, K] (ids per query; repeats, the target and ids outside [lo, hi) are not removed):
+  log(sum_v e^l_v - sum_x e^l_x) = lse + log(1 - sum_x e^(l_x - lse)), read from the K
+  excluded logits, so it serves the dense and the chunked softmax alike. The target
+  stays in the sum, so 1 - sum_x is at least its probability; clipped at 1e-12 against
+  rounding."""
+  lse = nll + target_logits(queries, table, bias, targets)
+  k = excluded.shape[1]
+  earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [j, i]: i before j
+  repeat = jnp.any((excluded[:, :, None] == excluded[:, None, :]) & earlier[None], axis=-1)
+  keep = (excluded >= lo) & (excluded < hi) & (excluded != targets[:, None]) & ~repeat
+  logits = jnp.einsum("pd,pkd->pk", queries, table[excluded].astype(queries.dtype),
+                      preferred_element_type=jnp.float32) + bias[excluded].astype(jnp.float32)
+  mass = jnp.sum(jnp.where(keep, jnp.exp(logits - lse[:, None]), 0.0), axis=-1)
+  return nll + jnp.log(jnp.maximum(1.0 - mass, 1e-12))
+
+
 # -- chunked exact softmax ------------------------------------------------------------------
 
 def _chunks(v: int, chunk: int):

@@ -33,6 +33,11 @@ from recjax.models import bert4rec
 class SASRec(bert4rec.Bert4Rec):
   causal: bool = True
   max_predictions_fraction: float = 1.0  # every non-padding position is a target
+  # Leave the items a position has already read (its sequence up to it, the target
+  # excepted) out of its softmax: ranking excludes the user's history, so training need
+  # not push those items down, which with tied embeddings pulls against placing an item
+  # near the items bought after it.
+  loss_excludes_history: bool = False
   EVAL_QUERY_OFFSET = 1  # the query is the last history item, the MASK after it is never read
 
   def __post_init__(self):
@@ -40,6 +45,20 @@ class SASRec(bert4rec.Bert4Rec):
       raise ValueError("SASRec predicts the next item at every position, which needs causal=True "
                        "(a bidirectional encoder would see the target); use Bert4Rec for cloze training")
     super().__post_init__()
+    if self.loss_excludes_history and self.train_loss == "sampled":
+      raise ValueError(f"{type(self).__name__}.loss_excludes_history needs the full or chunked loss, "
+                       "not a sampled one")
+
+  def cloze_loss(self, net, hidden, batch, rng=None):
+    """Bert4Rec's loss over the next-item targets; with `loss_excludes_history`, each
+    position's softmax leaves out the items of its sequence up to and including it."""
+    if not self.loss_excludes_history:
+      return super().cloze_loss(net, hidden, batch, rng)
+    queries, targets, w = self.gather_targets(net, hidden, batch)
+    index, _ = self.target_index(batch)
+    nll, correct = self.output_loss(net, queries, targets, w, batch.get("frozen"), rng, batch.get("item_rows"),
+                                    excluded=history_ids(batch)[index])
+    return self.loss_and_metrics(nll, correct, w, batch)
 
   def feature_converter(self, pack: bool = True, seed: int = 0):
     del seed  # next-item targets are deterministic
@@ -53,3 +72,12 @@ class SASRec(bert4rec.Bert4Rec):
     last = jnp.maximum(batch["mask_position"] - 1, 0)
     at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return net.query(at_last).astype(jnp.float32)
+
+
+def history_ids(batch):
+  """[B * L, L]: per position, the input ids of its segment at it and before (0 elsewhere):
+  what a causal query at that position has read."""
+  inputs, segs = batch["inputs"], batch["segment_ids"]
+  b, length = inputs.shape
+  read = (segs[:, :, None] == segs[:, None, :]) & (segs[:, :, None] > 0) & jnp.tril(jnp.ones((length, length), bool))
+  return jnp.where(read, inputs[:, None, :], 0).reshape(b * length, length)
