@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -321,14 +322,18 @@ def _eval_batch(frozen, inputs=(5, 6, 7, 1)):
           "mask_position": np.array([n - 1], np.int32), "frozen": frozen}
 
 
-def test_flare_sasrec_without_text_is_sasrec():
-  """use_text=False is SASRec+ itself: the same parameters, loss and queries."""
-  model, batch = _next_item_model_and_batch(use_text=False)
-  plain = _sasrec_twin(model)
+@pytest.mark.parametrize("excludes_history", [False, True])
+def test_flare_sasrec_without_text_is_sasrec(excludes_history):
+  """use_text=False is SASRec+ itself: the same parameters, loss (also with the history
+  left out of the softmax) and queries."""
+  model, batch = _next_item_model_and_batch(use_text=False, loss_excludes_history=excludes_history)
+  plain = dataclasses.replace(_sasrec_twin(model), loss_excludes_history=excludes_history)
   a, b = model.network(nnx.Rngs(0)), plain.network(nnx.Rngs(0))
   assert jax.tree.structure(nnx.state(a, nnx.Param)) == jax.tree.structure(nnx.state(b, nnx.Param))
   (la, ma), (lb, mb) = model.loss_fn(a, batch, None), plain.loss_fn(b, batch, None)
   assert float(la) == pytest.approx(float(lb), rel=1e-6)
+  if excludes_history:  # and the option is not dropped on the way
+    assert float(la) < float(_sasrec_twin(model).loss_fn(b, batch, None)[0])
   assert float(ma["targets"]) == float(mb["targets"]) == 12.0  # every non-padding position
   ev = _eval_batch(batch["frozen"])
   np.testing.assert_allclose(np.asarray(model.queries(a, ev)), np.asarray(plain.queries(b, ev)), rtol=1e-6)
