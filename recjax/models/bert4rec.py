@@ -286,27 +286,30 @@ class Bert4Rec:
     return dict(lo=NUM_RESERVED, hi=self.vocab_size, num_negatives=self.num_negatives, sampler=self.negatives,
                 popularity_mix=self.popularity_mix, in_batch=self.in_batch_negatives, frozen=frozen)
 
-  def target_index(self, batch):
-    """(index [C], valid [C]): the flat positions of the batch's targets, in a fixed
-    capacity C; slots past the batch's targets are 0 and not valid."""
+  def gather_targets(self, net: Bert4RecNetwork, hidden, batch):
+    """(queries [C, D], targets [C], weights [C], index [C]) of the loss positions,
+    gathered into a fixed capacity C (index: their flat positions); slots past the
+    batch's targets have weight 0."""
     weights = batch["weights"].reshape(-1)
     n = weights.shape[0]
     capacity = min(n, math.ceil(n * self.max_predictions_fraction) + 8)
     (index,) = jnp.nonzero(weights > 0, size=capacity, fill_value=0)
-    return index, (jnp.arange(capacity) < jnp.sum(weights > 0)).astype(jnp.float32)
+    valid = (jnp.arange(capacity) < jnp.sum(weights > 0)).astype(jnp.float32)
+    return net.query(hidden.reshape(n, -1)[index]), batch["targets"].reshape(-1)[index], weights[index] * valid, index
 
-  def gather_targets(self, net: Bert4RecNetwork, hidden, batch):
-    """(queries [C, D], targets [C], weights [C]) of the loss positions, gathered into a
-    fixed capacity C; slots past the batch's targets have weight 0."""
-    index, valid = self.target_index(batch)
-    return (net.query(hidden.reshape(batch["weights"].size, -1)[index]), batch["targets"].reshape(-1)[index],
-            batch["weights"].reshape(-1)[index] * valid)
+  def excluded_ids(self, batch):
+    """[B * L, K] ids each position's softmax leaves out, or None: every item competes
+    (SASRec's `loss_excludes_history` overrides it)."""
+    del batch
+    return None
 
   def cloze_loss(self, net: Bert4RecNetwork, hidden, batch, rng=None):
     """(loss, metrics) of the cloze objective given the hidden states [B, L, D]; `rng`
     (training) draws a sampled loss's negatives."""
-    queries, targets, w = self.gather_targets(net, hidden, batch)
-    nll, correct = self.output_loss(net, queries, targets, w, batch.get("frozen"), rng, batch.get("item_rows"))
+    queries, targets, w, index = self.gather_targets(net, hidden, batch)
+    excluded = self.excluded_ids(batch)
+    nll, correct = self.output_loss(net, queries, targets, w, batch.get("frozen"), rng, batch.get("item_rows"),
+                                    excluded=None if excluded is None else excluded[index])
     return self.loss_and_metrics(nll, correct, w, batch)
 
   def output_loss(self, net: Bert4RecNetwork, queries, targets, w, frozen, rng, item_rows=None, excluded=None):

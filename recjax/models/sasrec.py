@@ -49,16 +49,10 @@ class SASRec(bert4rec.Bert4Rec):
       raise ValueError(f"{type(self).__name__}.loss_excludes_history needs the full or chunked loss, "
                        "not a sampled one")
 
-  def cloze_loss(self, net, hidden, batch, rng=None):
-    """Bert4Rec's loss over the next-item targets; with `loss_excludes_history`, each
-    position's softmax leaves out the items of its sequence up to and including it."""
-    if not self.loss_excludes_history:
-      return super().cloze_loss(net, hidden, batch, rng)
-    queries, targets, w = self.gather_targets(net, hidden, batch)
-    index, _ = self.target_index(batch)
-    nll, correct = self.output_loss(net, queries, targets, w, batch.get("frozen"), rng, batch.get("item_rows"),
-                                    excluded=history_ids(batch)[index])
-    return self.loss_and_metrics(nll, correct, w, batch)
+  def excluded_ids(self, batch):
+    """With `loss_excludes_history`, each position's softmax leaves out the items of its
+    sequence up to and including it (history_ids)."""
+    return history_ids(batch) if self.loss_excludes_history else None
 
   def feature_converter(self, pack: bool = True, seed: int = 0):
     del seed  # next-item targets are deterministic
