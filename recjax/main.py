@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
   gin_cli.add_gin_args(q)
   _add_dataset_arg(q)
   q.add_argument("--seeds", default="0,1,2", help="seeds: 0,1,2 or 0-4 (default 0,1,2)")
+  q.add_argument("--evaluation", choices=("evaluate", "critique"), default="evaluate",
+                 help="the evaluation each seed gets: the experiment's ranking evaluation (runs/eval.gin) or "
+                 "the critiquing evaluation (runs/critique.gin); default evaluate")
   q.set_defaults(func=cmd_sweep)
   return parser
 

@@ -2,8 +2,10 @@
 
 Each seed trains in MODEL_DIR/seed_N (SEED = N: parameter initialisation, dropout and the
 order of the training batches) and is then evaluated by the experiment's own evaluation
-(runs/eval.gin; with runs/validation.gin, its best checkpoint). The runs share this
-process, one after another, as `recjax main` runs its stages; a seed whose run finished
+(runs/eval.gin; with runs/validation.gin, its best checkpoint), or, with `--evaluation
+critique`, by the critiquing evaluation (runs/critique.gin: the in-sequence rows and
+Cat-nDCG@10 per level). The runs share this process, one after another, as `recjax main`
+runs its stages; a seed whose run finished
 is not trained again (training resumes from MODEL_DIR/seed_N), so a sweep interrupted at
 any point continues where it stopped when run again. A SIGTERM ends the sweep after the
 running seed's checkpoint: that seed is not evaluated and the sweep goes no further.
@@ -36,14 +38,15 @@ def parse_seeds(text: str) -> list[int]:
 
 def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict]]:
   """{"split/name": {metric: {mean, std, min, max, values}}} over the runs' results (the
-  metrics every run reports; "count" is the same in all of them and kept as is)."""
+  metrics every run reports; "count" and "skipped", user counts that are the same in all of
+  them, are kept as is)."""
   out: dict[str, dict[str, dict]] = {}
   for row in runs[0]["results"]:
     metrics = set.intersection(*(set(r["results"].get(row, {})) for r in runs))
     out[row] = {}
     for m in sorted(metrics):
       values = [float(r["results"][row][m]) for r in runs]
-      if m == "count":
+      if m in ("count", "skipped"):  # user counts: the same in every run
         out[row][m] = int(values[0])
         continue
       out[row][m] = {"mean": statistics.fmean(values),
@@ -78,14 +81,14 @@ def sweep(args, gin_bindings: list[str], seeds: Sequence[int]) -> dict:
     bindings = [*gin_bindings, f"SEED = {seed}", f"MODEL_DIR = '{model_dir}'"]
     print(f"=== seed {seed}: {model_dir}", flush=True)
     trained = gin_cli.train_stage(args, bindings)  # Preempted: no evaluation, no sweep.json
-    payload = gin_cli.run_entrypoint("evaluate", args, bindings)
+    payload = gin_cli.run_entrypoint(getattr(args, "evaluation", "evaluate"), args, bindings)
     runs.append({"seed": seed, "model_dir": str(model_dir), "step": payload["step"],
                  "source": payload["source"], "results": payload["results"],
                  "train": {k: v for k, v in trained.items() if isinstance(v, (int, float, bool, str))}})
   summary = {"seeds": list(seeds), "protocol": payload["protocol"], "mean_std": aggregate(runs), "runs": runs}
   base.mkdir(parents=True, exist_ok=True)
   (base / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
-  present = {m for row in summary["mean_std"].values() for m in row} - {"count"}
+  present = {m for row in summary["mean_std"].values() for m in row} - {"count", "skipped"}
   columns = [c for k in (5, 10, 20) for c in (f"recall@{k}", f"ndcg@{k}") if c in present]
   columns += sorted(present - set(columns))  # mrr, an evaluator's own (sentiment m@k, ...)
   print(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± sample std:")

@@ -127,3 +127,24 @@ def test_flare_with_critiques_end_to_end(synthetic_prepared, tmp_path):
   ckpt = json.loads((tmp_path / "m" / "eval_step_30.json").read_text())["results"]
   exported = json.loads((tmp_path / "e" / "eval_export.json").read_text())["results"]
   assert ckpt == exported
+
+
+def test_sweep_reports_the_critiquing_evaluation_per_seed(synthetic_prepared, tmp_path):
+  """`recjax sweep --evaluation critique`: each seed's critique_step_N.json (in-sequence
+  rows and Cat-nDCG per level) is what sweep.json aggregates into mean and std."""
+  data = synthetic_prepared["synthetic"]
+  out = _recjax("sweep", "--gin_file=experiments/flare_synthetic.gin", "--seeds", "0,1", "--evaluation", "critique",
+                f"--gin.MODEL_DIR='{tmp_path}'", f"--gin.flare.Flare.text_cache_dir='{tmp_path / 'cache'}'",
+                "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=16", dataset=data)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((tmp_path / "sweep.json").read_text())
+  per_seed = [json.loads((tmp_path / f"seed_{s}" / "critique_step_6.json").read_text()) for s in (0, 1)]
+  for row in ("test/precise", "test/broad", "test/none", "test/level_4", "test/level_2"):
+    metric = "cat_ndcg@10" if "level" in row else "recall@10"
+    values = [p["results"][row][metric] for p in per_seed]
+    got = summary["mean_std"][row][metric]
+    assert got["values"] == values and got["mean"] == pytest.approx(np.mean(values))
+    assert got["std"] == pytest.approx(np.std(values, ddof=1))
+  assert per_seed[0]["results"]["test/level_4"] == per_seed[0]["out_of_sequence"]["level_4"]
+  assert summary["mean_std"]["test/level_4"]["count"] == per_seed[1]["out_of_sequence"]["level_4"]["count"]
+  assert "cat_ndcg@10" in out.stdout and "test/level_4" in out.stdout

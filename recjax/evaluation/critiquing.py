@@ -176,7 +176,10 @@ def critique(*, model: Callable = gin.REQUIRED, mixture_or_task_name: str = gin.
     oos[f"level_{level}"] = out_of_sequence(scorer, batches, index, level, seed=seed, min_items=min_items)
   payload = {"step": step, "task": mixture_or_task_name, "split": split,
              "protocol": ranking.ranking_protocol(scorer.vocab_size, True),
-             "in_sequence": results, "out_of_sequence": oos, "min_items": min_items}
+             "in_sequence": results, "out_of_sequence": oos, "min_items": min_items,
+             # both tables as `recjax evaluate` names its rows, so `recjax sweep` aggregates them
+             "results": {f"{split}/{name}": m for name, m in {**results, **oos}.items()},
+             "source": "best checkpoint" if checkpoint == "best" else "checkpoint"}
   out = pathlib.Path(model_dir) / f"critique_step_{step}.json"
   out.write_text(json.dumps(payload, indent=2) + "\n")
   if verbose:
