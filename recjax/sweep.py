@@ -5,12 +5,11 @@ order of the training batches) and is then evaluated by the experiment's own eva
 (runs/eval.gin; with runs/validation.gin, its best checkpoint), or, with `--evaluation
 critique`, by the critiquing evaluation (runs/critique.gin: the in-sequence rows and
 Cat-nDCG@10 per level). The runs share this process, one after another, as `recjax main`
-runs its stages; a seed whose run finished
-is not trained again (training resumes from MODEL_DIR/seed_N), so a sweep interrupted at
-any point continues where it stopped when run again. A SIGTERM ends the sweep after the
-running seed's checkpoint: that seed is not evaluated and the sweep goes no further.
-MODEL_DIR/sweep.json holds every seed's metrics and their mean, sample standard deviation
-(n - 1), min and max.
+runs its stages; a seed whose run finished is not trained again (training resumes from
+MODEL_DIR/seed_N), so a sweep interrupted at any point continues where it stopped when run
+again. A SIGTERM ends the sweep after the running seed's checkpoint: that seed is not
+evaluated and the sweep goes no further. MODEL_DIR/sweep.json holds every seed's metrics
+and their mean, sample standard deviation (n - 1), min and max.
 On a pod, launch each seed as its own job with --gin.SEED and --gin.MODEL_DIR instead.
 """
 
@@ -81,7 +80,7 @@ def sweep(args, gin_bindings: list[str], seeds: Sequence[int]) -> dict:
     bindings = [*gin_bindings, f"SEED = {seed}", f"MODEL_DIR = '{model_dir}'"]
     print(f"=== seed {seed}: {model_dir}", flush=True)
     trained = gin_cli.train_stage(args, bindings)  # Preempted: no evaluation, no sweep.json
-    payload = gin_cli.run_entrypoint(getattr(args, "evaluation", "evaluate"), args, bindings)
+    payload = gin_cli.run_entrypoint(args.evaluation, args, bindings)
     runs.append({"seed": seed, "model_dir": str(model_dir), "step": payload["step"],
                  "source": payload["source"], "results": payload["results"],
                  "train": {k: v for k, v in trained.items() if isinstance(v, (int, float, bool, str))}})
