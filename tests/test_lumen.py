@@ -126,6 +126,28 @@ def test_packed_rows_give_the_losses_of_padded_rows():
   assert float(a["items"]) == 6 and float(a["dropped_targets"]) == 0
 
 
+def test_chunked_text_loss_equals_the_dense_one_with_its_gradients():
+  """text_loss_chunk streams the text softmax over vocabulary chunks (the last one shifted,
+  48 rows in chunks of 20): the same loss, metrics and parameter gradients as dense logits."""
+  rng = np.random.default_rng(4)
+  rows = _rows([_toy_sequence(rng) for _ in range(6)], 33, pack=True)
+  net = _toy_model().network(nnx.Rngs(4))
+  graphdef, params = nnx.split(net, nnx.Param)
+  results = []
+  for model in (_toy_model(), _toy_model(text_loss_chunk=20)):
+    fn = lambda p, model=model: model.loss_fn(nnx.merge(graphdef, p), rows, None)
+    (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(params)
+    results.append((loss, metrics, grads))
+  (dense, dm, dg), (chunked, cm, cg) = results
+  np.testing.assert_allclose(float(chunked), float(dense), rtol=1e-5)
+  for k in ("loss_sum", "targets", "accuracy_sum"):
+    np.testing.assert_allclose(float(cm[k]), float(dm[k]), rtol=1e-5, err_msg=k)
+  flat_d, flat_c = jax.tree_util.tree_leaves(dg), jax.tree_util.tree_leaves(cg)
+  assert len(flat_d) == len(flat_c) and any(float(jnp.abs(g).max()) > 0 for g in flat_d)
+  for a, b in zip(flat_d, flat_c):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
 def test_item_slots_beyond_capacity_are_counted_as_dropped():
   model = _toy_model(item_slots=2)
   net = model.network(nnx.Rngs(2))
